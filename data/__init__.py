@@ -1,0 +1,1 @@
+"""Competition data: reading, formatting, fair truncation, tokenization, folds, scoring, synthetic samples."""

@@ -75,10 +75,14 @@ def _load_tiktoken(path: Path):
     )
 
 
+TEMPLATE_MARKERS = ("<|prompt|>", "<|response_a|>", "<|response_b|>", "<|verdict|>")
+
+
 def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2048):
     """Train a byte-level BPE tokenizer on the data itself, saved as an HF tokenizer directory.
 
-    The tiny CPU presets use it so that nothing is downloaded; it has <bos>, <eos>, <pad> special tokens.
+    The tiny CPU presets use it so that nothing is downloaded; it has <bos>, <eos>, <pad> special tokens, and the
+    template's markers as single tokens (a small vocabulary would otherwise spend ~10 tokens on each header).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -91,6 +95,7 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: i
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tk.train_from_iterator(texts, trainer=trainer)
+    tk.add_tokens(list(TEMPLATE_MARKERS))
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
