@@ -195,15 +195,19 @@ def save_pretrained(
 
 def load_pretrained(
     model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-    attn_implementation: str | None = None, **from_pretrained_kwargs: Any,
+    attn_implementation: str | None = None, base_model: str | Path | None = None, **from_pretrained_kwargs: Any,
 ) -> tuple[ArenaClassifier, dict[str, Any]]:
-    """Load an exported directory (weights via safetensors only, no remote code). Returns (model in eval mode, meta)."""
+    """Load an exported directory (weights via safetensors only, no remote code). Returns (model in eval mode, meta).
+
+    base_model: for adapter exports, a local base-model directory that replaces arena.json's `base_model` (the
+    training machine's path rarely exists where the model is served, e.g. on Kaggle).
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
 
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
-    base = Path(meta["base_model"]) if meta.get("adapter") else model_dir
+    base = Path(base_model or meta["base_model"]) if meta.get("adapter") else model_dir
     config = AutoConfig.from_pretrained(str(base), local_files_only=True)
     attn = attn_implementation or default_attn_implementation(config.model_type, device)
     backbone = AutoModel.from_pretrained(
