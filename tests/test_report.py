@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data.scoring import log_loss
+from tests.conftest import ROOT
 from training import report
 from training.report import (
     T_MAX,
@@ -265,5 +266,23 @@ def test_matplotlib_is_not_imported_by_the_module():
     import sys
 
     code = "import sys, training.report; print('matplotlib' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=report.__file__.rsplit("/training/", 1)[0])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
+
+
+def test_fit_temperature_accepts_torch_tensors():
+    import torch
+
+    logits, labels = calibrated_sample(2000, seed=5)
+    expected = fit_temperature(logits * 2, labels)
+    t = fit_temperature(torch.tensor(logits * 2, dtype=torch.bfloat16), torch.tensor(labels))
+    assert t == pytest.approx(expected, rel=0.02)  # bf16 rounding of the logits moves the optimum a little
+
+
+def test_cli_regenerates_the_report(tmp_path, capsys):
+    write_run(tmp_path / "run", steps=20, eval_every=10)
+    report.main([str(tmp_path / "run"), "--temperature", "2.5"])
+    assert json.loads(capsys.readouterr().out)["temperature"] == 2.5
+    assert "2.500" in (tmp_path / "run" / "report" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "missing")])

@@ -12,6 +12,7 @@ Inputs, written by rank 0 of the training loop into the run directory:
                         {"step", "val_logloss", "val_accuracy"?}
   val_predictions.npz   arrays probs (N, 3), labels (N,), logits (N, 3) of the validation fold (optional)
 Outputs under run_dir/report/: loss.png, calibration.png, confusion.png, report.md (all written atomically).
+Called by rank 0 only at the end of training; `python -m training.report RUN_DIR` regenerates it afterwards.
 
 The numbers are pure NumPy functions (tested on their own); matplotlib is imported inside write_report only.
 """
@@ -54,6 +55,15 @@ def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     return float(np.mean(lse - z[np.arange(len(labels)), labels]))
 
 
+def _numpy(x) -> np.ndarray:
+    """Accept torch tensors too (any dtype or device: bf16 has no NumPy equivalent, hence the float cast)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        x = x.float() if x.is_floating_point() else x
+        return x.numpy()
+    return np.asarray(x)
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, tol: float = 1e-5) -> float:
     """The temperature T in [T_MIN, T_MAX] minimising the log loss of softmax(logits / T) on (logits, labels).
 
@@ -62,8 +72,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, tol: float = 1e-5) -
     Returns 1.0 for degenerate input (no rows, non-finite logits, logits constant in every row) and whenever the
     fit is no better than T = 1. Raises ValueError for mismatched shapes or labels outside 0..2.
     """
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(labels).astype(np.int64, copy=False)
+    z, y = _numpy(logits).astype(np.float64), _numpy(labels).astype(np.int64)
     if z.ndim != 2 or z.shape[1] != 3 or y.shape != (len(z),):
         raise ValueError(f"expected logits of shape (n, 3) and n labels, got {z.shape} and {y.shape}")
     if len(y) and (y.min() < 0 or y.max() > 2):
@@ -512,3 +521,20 @@ def _markdown(run_dir: Path, s: dict, figures: dict[str, str]) -> str:
     for key, name in figures.items():
         lines += [f"## {titles[key]}", "", f"![{titles[key]}]({name})", ""]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Regenerate the report of a finished run: python -m training.report RUN_DIR [--temperature T]."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m training.report", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path, help="directory with metrics.jsonl and val_predictions.npz")
+    parser.add_argument("--temperature", type=float, default=None, help="report this T instead of fitting one")
+    args = parser.parse_args(argv)
+    if not args.run_dir.is_dir():
+        parser.error(f"{args.run_dir} is not a directory")
+    print(json.dumps(write_report(args.run_dir, args.temperature), indent=2))
+
+
+if __name__ == "__main__":
+    main()
