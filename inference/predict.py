@@ -1,0 +1,483 @@
+"""Score a test.csv with one or more exported models on several devices, within a time budget.
+
+    arena-predict --model /kaggle/input/my-model --test test.csv --out submission.csv --devices cuda:0,cuda:1 \\
+        --time-budget 8h30m --quantize 4bit
+
+Reads top to bottom: read the test file, write a prior-filled submission at once (so a valid file exists from the
+first second), start one worker per device (they load their model copies while this process tokenizes), then the
+loop: hand the longest pending rows to whichever worker has room, collect logits, re-project the finish time and
+degrade the remaining rows when it overruns (budget.py), checkpoint the submission now and then. At the end (or at
+the deadline) the final file is written atomically and checked.
+
+Ensembles run model after model over all rows; the probabilities are averaged with the given weights (arithmetic
+mean of per-model probabilities, each after its own temperature and TTA). Rows a model did not reach use the other
+models; rows no model reached get the prior (the weighted mean of the models' training priors, else uniform).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data.reading import Battle, read_battles
+from inference import batching, budget
+from inference.loading import LoadSpec, ModelError, check_export, resolve_base_model
+from inference.submission import ensemble, resolve_prior, softmax, tta_average, validate_submission, write_submission
+
+log = logging.getLogger("arena.predict")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEGRADED = 0, 1, 2, 3
+FAILED, PENDING = -2, -1  # row states of a phase besides a mode index
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """One prediction run (the CLI flags)."""
+
+    models: tuple[str, ...]
+    test: str
+    out: str
+    weights: tuple[float, ...] | None = None  # ensemble weights (normalised); default equal
+    base_models: tuple[str, ...] = ()  # base-model dirs for adapter exports, one per --model (or one for all)
+    devices: str = "auto"
+    time_budget: float | None = 8.5 * 3600  # seconds from process start; None: no limit
+    max_length: int | None = None  # default: each model's training max_length (arena.json format)
+    tta: bool = True
+    quantize: str = "none"
+    dtype: str = "auto"
+    batch_tokens: int | None = None  # padded tokens per forward pass; default 8192 on GPU, 4096 on CPU
+    max_batch_rows: int = 64
+    checkpoint_every: float = 120.0  # seconds between partial submissions
+    depth: int = 2  # batches queued per worker, so a GPU never waits for the next one
+
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("give at least one --model")
+        if self.weights is not None:
+            if len(self.weights) != len(self.models):
+                raise ValueError(f"--weights has {len(self.weights)} values for {len(self.models)} models")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise ValueError(f"--weights must be non-negative and not all zero, got {self.weights}")
+        if self.base_models and len(self.base_models) not in (1, len(self.models)):
+            raise ValueError(f"--base-model: give one, or one per --model ({len(self.models)})")
+        if self.max_length is not None and self.max_length < 64:
+            raise ValueError(f"--max-length {self.max_length} is too small (at least 64)")
+        if self.batch_tokens is not None and self.batch_tokens < 64:
+            raise ValueError(f"--batch-tokens {self.batch_tokens} is too small")
+
+
+@dataclass
+class PredictResult:
+    out: Path
+    rows: int
+    exit_code: int
+    messages: list[str]  # what was degraded or lost, one line each (empty: full quality)
+    notes: list[str]  # input oddities that did not cost quality (e.g. rows with malformed JSON)
+    seconds: float
+    probs: np.ndarray
+
+
+@dataclass
+class Phase:
+    """One model of the ensemble: its tokenized rows, what is pending, and the logits collected so far."""
+
+    k: int
+    spec: LoadSpec
+    meta: dict
+    formatter: object
+    pad_id: int
+    max_length: int
+    cost: batching.CostModel
+    turns: list
+    full: np.ndarray  # untruncated length per row
+    weight: float
+    order: list[int] = field(default_factory=list)  # rows longest first
+    pos: int = 0
+    retry: list[int] = field(default_factory=list)  # rows of lost batches, run again first
+    logits: np.ndarray = None
+    logits_swap: np.ndarray = None
+    state: np.ndarray = None  # PENDING, FAILED, or the index of the mode the row was scored with
+    attempts: np.ndarray = None
+
+    def __post_init__(self):
+        n = len(self.full)
+        self.order = batching.longest_first(self.full)
+        self.logits = np.full((n, 3), np.nan)
+        self.logits_swap = np.full((n, 3), np.nan)
+        self.state = np.full(n, PENDING)
+        self.attempts = np.zeros(n, dtype=np.int64)
+
+    def pending(self) -> list[int]:
+        return self.retry + self.order[self.pos :]
+
+    def has_pending(self) -> bool:
+        return bool(self.retry) or self.pos < len(self.order)
+
+    def row_cost(self, rows, mode: budget.Mode) -> np.ndarray:
+        lengths = batching.row_lengths(self.full[rows], mode.length(self.max_length))
+        return self.cost.flops(lengths) * (2 if mode.tta else 1)
+
+    def remaining_cost(self, mode: budget.Mode) -> float:
+        rows = self.pending()
+        return float(self.row_cost(rows, mode).sum()) if rows else 0.0
+
+    def take(self, mode: budget.Mode, batch_tokens: int, max_rows: int) -> list[int]:
+        """The next rows to run: the longest pending ones that fit the token budget."""
+        if self.retry:
+            self.retry.sort(key=lambda i: -self.full[i])
+            source = self.retry
+        else:
+            source = self.order[self.pos : self.pos + max_rows]
+        lengths = batching.row_lengths(self.full[source], mode.length(self.max_length))
+        n = batching.take_batch(lengths, batch_tokens, max_rows, 2 if mode.tta else 1)
+        rows = list(source[:n])
+        if self.retry:
+            del self.retry[:n]
+        else:
+            self.pos += n
+        return rows
+
+    def probs(self, temperature: float) -> np.ndarray:
+        """(rows, 3) probabilities; NaN where this model has no prediction."""
+        p = softmax(self.logits, temperature)
+        ps = softmax(self.logits_swap, temperature)
+        have_swap = np.all(np.isfinite(ps), axis=1)
+        p[have_swap] = tta_average(p[have_swap], ps[have_swap])
+        return p
+
+
+@dataclass
+class InFlight:
+    phase: int
+    rows: list[int]
+    mode: int
+    worker: int
+    cost: float
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
+    """Run the whole job. Raises DataError (unreadable test file) and ModelError/ValueError (bad options) before
+    any work starts; afterwards every problem is reported in the result and the file stays valid."""
+    t0 = time.monotonic() if t0 is None else t0
+    deadline = t0 + cfg.time_budget if cfg.time_budget else None
+    hard_stop = deadline - budget.reserve_seconds(cfg.time_budget) if deadline else None
+
+    # 1. The test rows; odd rows are kept (predicted from what could be read) and named.
+    battles = read_battles(cfg.test, lenient=True)
+    ids = [b.id for b in battles]
+    messages: list[str] = []
+    notes: list[str] = []
+    for b in battles:
+        for w in b.warnings:
+            log.warning("id %s: %s; predicted from what could be read", b.id, w)
+    odd = [b.id for b in battles if b.warnings]
+    if odd:
+        notes.append(f"{len(odd)} odd input rows predicted best-effort (ids {_short(odd)})")
+
+    # 2. Models: check the exports, then write the prior-filled submission right away.
+    metas = [check_export(m) for m in cfg.models]
+    weights = np.asarray(cfg.weights or [1.0] * len(cfg.models), dtype=np.float64)
+    weights = weights / weights.sum()
+    prior = resolve_prior([m.get("prior") for m in metas], weights)
+    write_submission(cfg.out, ids, np.tile(prior, (len(ids), 1)), prior)
+    log.info("%d test rows; prior-filled %s written; prior %s", len(ids), cfg.out, np.round(prior, 4).tolist())
+    specs = [_load_spec(cfg, k, m, meta) for k, (m, meta) in enumerate(zip(cfg.models, metas))]
+
+    # 3. Workers start loading their models while this process tokenizes.
+    from inference.pool import WorkerPool, parse_devices
+
+    devices = parse_devices(cfg.devices)
+    batch_tokens = cfg.batch_tokens or (8192 if devices[0].startswith("cuda") else 4096)
+    pool = WorkerPool(devices)
+    pool.start()
+    log.info("%d worker(s) on %s; batch_tokens %d", len(devices), ",".join(devices), batch_tokens)
+    modes = budget.ladder(cfg.tta)
+    phases: list[Phase] = []
+    try:
+        phases = _tokenize_all(cfg, specs, weights, battles)
+        loop = _Loop(cfg, pool, phases, modes, ids, prior, batch_tokens, hard_stop, t0)
+        loop.run()
+        messages += loop.messages
+    except BaseException:
+        pool.shutdown(wait=0.0)
+        _write_current(cfg.out, ids, phases, prior)
+        raise
+    pool.shutdown(wait=0.0 if loop.timed_out else 10.0)
+
+    # 4. Final file: what every model produced, the prior where nothing did; then check it like Kaggle would.
+    probs, fallback = _write_current(cfg.out, ids, phases, prior)
+    problems = validate_submission(cfg.out, ids)
+    if problems:  # should never happen; a prior-only file is still better than a rejected one
+        write_submission(cfg.out, ids, np.tile(prior, (len(ids), 1)), prior)
+        messages += ["submission failed its check, wrote the prior for every row:", *problems]
+    messages += _describe(phases, modes, ids, fallback)
+    code = EXIT_DEGRADED if messages else EXIT_OK
+    return PredictResult(Path(cfg.out), len(ids), code, messages, notes, time.monotonic() - t0, probs)
+
+
+def _load_spec(cfg: PredictConfig, k: int, model_dir: str, meta: dict) -> LoadSpec:
+    override = None
+    if cfg.base_models:
+        override = cfg.base_models[k] if len(cfg.base_models) > 1 else cfg.base_models[0]
+    base = resolve_base_model(model_dir, meta, override)
+    return LoadSpec(model_dir=str(model_dir), base_model=base, quantize=cfg.quantize, dtype=cfg.dtype)
+
+
+def _tokenize_all(cfg, specs, weights, battles: list[Battle]) -> list[Phase]:
+    """A Phase per model. Models sharing a tokenizer share one tokenization (the slow part on 25k rows)."""
+    from transformers import AutoConfig
+
+    from data.template import FormatConfig, Formatter
+    from data.tokenizer import load_tokenizer
+
+    cache: dict[str, list] = {}
+    phases = []
+    for k, spec in enumerate(specs):
+        meta = check_export(spec.model_dir)
+        t = time.monotonic()
+        try:
+            tok = load_tokenizer(spec.model_dir)
+        except Exception as e:
+            raise ModelError(f"{spec.model_dir}: cannot load its tokenizer ({e})") from None
+        fmt = FormatConfig.from_dict(meta["format"])
+        max_length = cfg.max_length or fmt.max_length
+        formatter = Formatter(tok, fmt)
+        key = _tokenizer_key(spec.model_dir)
+        if key not in cache:
+            cache[key] = formatter.tokenize(battles)
+        turns = cache[key]
+        full = np.array([formatter.full_lengths(t) for t in turns], dtype=np.int64)
+        config = AutoConfig.from_pretrained(spec.base_model or spec.model_dir, local_files_only=True)
+        phases.append(Phase(k, spec, meta, formatter, int(tok.pad_token_id), max_length,
+                            batching.CostModel.from_config(config), turns, full, float(weights[k])))
+        log.info("model %d %s: tokenized in %.1fs; lengths median %d, max %d, %d%% over max_length %d",
+                 k, spec.model_dir, time.monotonic() - t, np.median(full), full.max(),
+                 round(100 * np.mean(full > max_length)), max_length)
+    return phases
+
+
+def _tokenizer_key(model_dir: str) -> str:
+    from data.tokenizer import file_digest
+
+    p = Path(model_dir) / "tokenizer.json"
+    return file_digest(p) if p.exists() else str(model_dir)
+
+
+def _current_probs(phases: list[Phase], prior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities of every row, mask of rows no model predicted)."""
+    if not phases:
+        return None, None
+    per_model = [ph.probs(float(ph.meta.get("temperature") or 1.0)) for ph in phases]
+    probs = ensemble(per_model, [ph.weight for ph in phases], prior)
+    nothing = ~np.any(np.stack([np.all(np.isfinite(p), axis=1) for p in per_model]), axis=0)
+    return probs, nothing
+
+
+def _write_current(out, ids, phases: list[Phase], prior: np.ndarray):
+    """Write the submission as it stands (atomic). Returns (probabilities, mask of rows that got the prior)."""
+    probs, nothing = _current_probs(phases, prior)
+    if probs is None:
+        probs, nothing = np.tile(prior, (len(ids), 1)), np.ones(len(ids), dtype=bool)
+    bad = write_submission(out, ids, probs, prior)
+    return probs, nothing | bad
+
+
+def _describe(phases: list[Phase], modes: list[budget.Mode], ids, fallback: np.ndarray) -> list[str]:
+    """One line per kind of degradation (empty when every row got the best treatment)."""
+    out = []
+    for ph in phases:
+        name = f"model {ph.k} ({ph.spec.model_dir})" if len(phases) > 1 else "model"
+        for m in range(1, len(modes)):
+            n = int(np.sum(ph.state == m))
+            if n:
+                out.append(f"{name}: {n} rows scored with {modes[m].describe(ph.max_length)} "
+                           f"(time budget; best is {modes[0].describe(ph.max_length)})")
+        failed = [ids[i] for i in np.flatnonzero(ph.state == FAILED)]
+        if failed:
+            out.append(f"{name}: {len(failed)} rows could not be scored (ids {_short(failed)})")
+        missing = int(np.sum(ph.state == PENDING))
+        if missing and len(phases) > 1:
+            out.append(f"{name}: {missing} rows not reached (other models' predictions used)")
+    prior_ids = [ids[i] for i in np.flatnonzero(fallback)]
+    if prior_ids:
+        out.append(f"{len(prior_ids)} of {len(ids)} rows got the prior (ids {_short(prior_ids)})")
+    return out
+
+
+def _short(items, n: int = 10) -> str:
+    items = list(items)
+    return ", ".join(map(str, items[:n])) + (f", ... ({len(items)} in total)" if len(items) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class _Loop:
+    """The dispatch loop: keep every worker fed with the longest pending rows, collect results, watch the clock."""
+
+    def __init__(self, cfg, pool, phases, modes, ids, prior, batch_tokens, hard_stop, t0):
+        self.cfg, self.pool, self.phases, self.modes = cfg, pool, phases, modes
+        self.ids, self.prior, self.batch_tokens, self.hard_stop, self.t0 = ids, prior, batch_tokens, hard_stop, t0
+        self.mode = 0
+        self.inflight: dict[int, InFlight] = {}
+        self.next_id = 0
+        self.speed = {w.index: budget.Throughput() for w in pool.workers}
+        self.warm: set[tuple[int, int]] = set()  # (worker, model) pairs past their first (warm-up) batch
+        self.load_seconds: list[float] = []
+        self.messages: list[str] = []
+        self.errors: dict[int, str] = {}
+        self.timed_out = False
+        self.projection: float | None = None
+
+    def run(self) -> None:
+        last_checkpoint = last_log = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self.hard_stop is not None and now >= self.hard_stop:
+                self.timed_out = True
+                self.messages.append(f"time budget reached after {budget.format_duration(now - self.t0)}: "
+                                     f"{len(self.inflight)} running batches abandoned, unscored rows use fallbacks")
+                break
+            self._choose_mode(now)
+            self._dispatch()
+            if not self.inflight and not any(ph.has_pending() for ph in self.phases):
+                break
+            if not self.pool.alive():
+                self.messages.append("no worker left alive: unscored rows use fallbacks")
+                break
+            timeout = 0.5 if self.hard_stop is None else min(0.5, max(0.01, self.hard_stop - now))
+            msg = self.pool.get(timeout)
+            if msg is not None:
+                self._handle(msg)
+            for w in self.pool.newly_dead():
+                self._lost(w)
+            now = time.monotonic()
+            if now - last_checkpoint >= self.cfg.checkpoint_every:
+                _write_current(self.cfg.out, self.ids, self.phases, self.prior)
+                last_checkpoint = now
+            if now - last_log >= max(10.0, self.cfg.checkpoint_every / 4):
+                self._progress(now)
+                last_log = now
+
+    # -- decisions -------------------------------------------------------------------------------------------
+    def _choose_mode(self, now: float) -> None:
+        if self.hard_stop is None:
+            return
+        rate = budget.combined_rate(list(self.speed.values()), len(self.pool.alive()))
+        inflight = sum(b.cost for b in self.inflight.values())
+        future_loads = sum(1 for ph in self.phases[1:] if ph.has_pending() and not any(
+            w.loaded is not None and w.loaded >= ph.k for w in self.pool.alive()))
+        extra = future_loads * (max(self.load_seconds) if self.load_seconds else 0.0)
+        cost = lambda mode: inflight + sum(ph.remaining_cost(mode) for ph in self.phases)  # noqa: E731
+        new, self.projection = budget.choose_mode(self.modes, self.mode, cost, rate, self.hard_stop - now, extra)
+        if new != self.mode:
+            proj = "does not fit even then" if self.projection is None or self.projection > self.hard_stop - now \
+                else f"projected {budget.format_duration(self.projection)}"
+            log.warning("time budget: %s left; switching remaining rows to %s (%s)",
+                        budget.format_duration(self.hard_stop - now), self.modes[new].describe(), proj)
+            self.mode = new
+
+    def _dispatch(self) -> None:
+        for w in sorted(self.pool.alive(), key=lambda w: len(w.outstanding)):
+            while len(w.outstanding) < self.cfg.depth:
+                ph = next((p for p in self.phases if p.has_pending()), None)
+                if ph is None:
+                    return
+                if w.loaded != ph.k:
+                    self.pool.send(w, ("load", ph.k, asdict(ph.spec)))
+                    w.loaded = ph.k
+                self._send_batch(w, ph)
+
+    def _send_batch(self, w, ph: Phase) -> None:
+        mode = self.modes[self.mode]
+        rows = ph.take(mode, self.batch_tokens, self.cfg.max_batch_rows)
+        length = mode.length(ph.max_length)
+        seqs, swapped, kept = [], [], []
+        for i in rows:
+            try:
+                seqs.append(np.asarray(ph.formatter.render(ph.turns[i], False, length), dtype=np.int32))
+                if mode.tta:
+                    swapped.append(np.asarray(ph.formatter.render(ph.turns[i], True, length), dtype=np.int32))
+                kept.append(i)
+            except Exception as e:  # one odd row must not stop the run
+                log.warning("id %s: cannot render (%s); it gets a fallback", self.ids[i], e)
+                ph.state[i] = FAILED
+        if not kept:
+            return
+        bid = self.next_id
+        self.next_id += 1
+        self.inflight[bid] = InFlight(ph.k, kept, self.mode, w.index, float(ph.row_cost(kept, mode).sum()))
+        w.outstanding.append(bid)
+        self.pool.send(w, ("batch", bid, ph.k, seqs + swapped, ph.pad_id))
+
+    # -- events ----------------------------------------------------------------------------------------------
+    def _handle(self, msg) -> None:
+        kind, index = msg[0], msg[1]
+        w = self.pool.workers[index]
+        if kind == "ready":
+            self.load_seconds.append(msg[3])
+            log.info("worker %d (%s) loaded model %d in %.1fs", index, w.device, msg[2], msg[3])
+        elif kind == "error":
+            self.errors[index] = msg[2]
+            log.error("%s", msg[2])
+        elif kind == "result":
+            _, _, bid, logits, seconds, ooms = msg
+            b = self.inflight.pop(bid, None)
+            if bid in w.outstanding:
+                w.outstanding.remove(bid)
+            w.batches_done += 1
+            if b is None:
+                return  # answered after its worker was given up on: already re-queued
+            if ooms:
+                log.warning("worker %d: out of memory %d time(s); batch halved and retried", index, ooms)
+            self._store(b, logits)
+            if (index, b.phase) in self.warm:
+                self.speed[index].add(b.cost, seconds)
+            self.warm.add((index, b.phase))
+
+    def _store(self, b: InFlight, logits: np.ndarray) -> None:
+        ph = self.phases[b.phase]
+        n = len(b.rows)
+        rows = np.asarray(b.rows)
+        ph.logits[rows] = logits[:n]
+        if self.modes[b.mode].tta:
+            ph.logits_swap[rows] = logits[n:]
+        ok = np.all(np.isfinite(logits[:n]), axis=1)
+        ph.state[rows] = np.where(ok, b.mode, FAILED)
+
+    def _lost(self, w) -> None:
+        """A worker died: re-queue its batches once (a row that kills two workers gets a fallback)."""
+        rows_back, given_up = 0, []
+        for bid in list(w.outstanding):
+            b = self.inflight.pop(bid, None)
+            if b is None:
+                continue
+            ph = self.phases[b.phase]
+            for i in b.rows:
+                ph.attempts[i] += 1
+                if ph.attempts[i] < 2 and len(self.pool.alive()) > 0:
+                    ph.retry.append(i)
+                    rows_back += 1
+                else:
+                    ph.state[i] = FAILED
+                    given_up.append(self.ids[i])
+        w.outstanding.clear()
+        why = self.errors.get(w.index, "").strip().splitlines()
+        reason = f"; last error: {why[-1]}" if why else ""
+        msg = (f"worker {w.index} ({w.device}) died (exit code {w.process.exitcode}) after {w.batches_done} "
+               f"batches{reason}; {rows_back} of its rows re-queued on the other workers")
+        if given_up:
+            msg += f"; {len(given_up)} rows lost (ids {_short(given_up)})"
+        if not self.pool.alive():
+            msg += "; no worker is left"
+        log.error("%s", msg)
+        self.messages.append(msg)
+
+    def _progress(self, now: float) -> None:
+        done = sum(int(np.sum(ph.state >= 0)) for ph in self.phases)
+        total = sum(len(ph.full) for ph in self.phases)
+        proj = f", projected {budget.format_duration(self.projection)} more" if self.projection else ""
+        log.info("%s: %d/%d rows scored; mode %s%s", budget.format_duration(now - self.t0), done, total,
+                 self.modes[self.mode].describe(), proj)
