@@ -366,11 +366,13 @@ def _loss_figure(curves: Curves, s: dict):
         ax.plot(curves.train_step, curves.train_loss, color="tab:blue", alpha=0.25, lw=0.8, label="train loss (raw)")
         ax.plot(curves.train_step, smooth(curves.train_loss), color="tab:blue", lw=1.8, label="train loss (EMA 0.9)")
     if len(curves.val_logloss):
-        ax.plot(curves.val_step, curves.val_logloss, "o-", color="tab:orange", lw=1.8, ms=4, label="val log loss")
+        ax.plot(curves.val_step, curves.val_logloss, "o-", color="tab:orange", lw=1.8, ms=4, label="val log loss",
+                zorder=3)
         best = s["val_logloss_best_step"]
         at_end = best == curves.val_step[-1] and len(curves.val_step) > 1
         ax.annotate(f"best {s['val_logloss_best']:.4f}", (best, s["val_logloss_best"]), textcoords="offset points",
-                    xytext=(0, -14), ha="right" if at_end else "center", fontsize=8, color="tab:orange")
+                    xytext=(0, 8), ha="right" if at_end else "center", fontsize=8, color="tab:orange", zorder=4,
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "tab:orange", "alpha": 0.9})
     ax.axhline(UNIFORM_LOGLOSS, color="gray", ls="--", lw=1, label=f"uniform 1/3 ({UNIFORM_LOGLOSS:.4f})")
     if "prior_logloss" in s:
         ax.axhline(s["prior_logloss"], color="tab:green", ls=":", lw=1.2, label=f"class prior ({s['prior_logloss']:.4f})")
@@ -384,7 +386,8 @@ def _loss_figure(curves: Curves, s: dict):
     top = min(max(visible) + 0.1, 2.5 * max([UNIFORM_LOGLOSS, *curves.val_logloss]))
     ax.set_ylim(max(0.0, min(visible) - 0.1), top)
     if max(visible) > top:
-        ax.text(0.01, 0.98, "y-axis clipped: early loss is higher", transform=ax.transAxes, fontsize=7, va="top", color="gray")
+        ax.text(0.01, 0.98, "y-axis clipped: early loss is higher", transform=ax.transAxes, fontsize=7, va="top", color="gray",
+                bbox={"fc": "white", "ec": "none", "alpha": 0.8})
     if has_lr:
         axes[1, 0].plot(curves.lr_step, curves.lr, color="tab:purple", lw=1.2)
         axes[1, 0].set_ylabel("learning rate")
@@ -422,6 +425,7 @@ def _calibration_figure(preds: Predictions, s: dict):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     bar_ax.set(xlim=(0, 1), xlabel="top-class confidence", ylabel="rows")
+    bar_ax.set_ylim(0, bar_ax.get_ylim()[1] * 1.2)  # room for the count labels above the bars
     bar_ax.legend(fontsize=7, loc="upper left")
 
     # Class-wise: is P(tie) = 0.3 right 30% of the time? Ties are where LLM judges are most miscalibrated.
