@@ -12,7 +12,9 @@ Debug switches (environment variables, read once at start; used by the tests to 
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
+import queue
 import time
 import traceback
 import warnings
@@ -88,6 +90,11 @@ class Runner:
             return np.concatenate([self.run(seqs[:half], pad_id), self.run(seqs[half:], pad_id)])
 
 
+def _parent_alive() -> bool:
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
+
+
 def _setup_device(device: str, threads: int) -> None:
     import torch
 
@@ -114,7 +121,12 @@ def worker_main(index: int, device: str, threads: int, inbox, outbox) -> None:
 
         _setup_device(device, threads)
         while True:
-            msg = inbox.get()
+            try:
+                msg = inbox.get(timeout=5.0)
+            except queue.Empty:
+                if not _parent_alive():
+                    break  # the main process was killed: nobody will read our results
+                continue
             if msg[0] == "stop":
                 break
             if msg[0] == "load":
