@@ -22,12 +22,13 @@ Per-GPU terms (N = GPUs in total, P = parameters, L = parameters of the largest 
     - RMSNorm saves its fp32 input (4h) and 1/rms (4); Llama also its b-byte normalised output (bh), Gemma2 the fp32
       one (4h); a norm feeding a projection adds the projection input (bh). Llama: 2 norms, Gemma2: 4 norms.
     - MLP (gated): gate output, activation output, up output, their product: 4bf.
-    - Attention, flash-attention-2 / SDPA kernels: q, k, v, output (b(2q + 2kv); SDPA with a mask repeats k and v
-      to q heads) and the fp32 log-sum-exp (4a). No score matrix is stored: memory is linear in s.
+    - Attention, flash-attention-2 / SDPA kernels: q, k, v, output (b(2q + 2kv)) and the fp32 log-sum-exp (4a).
+      No score matrix is stored: memory is linear in s. SDPA with a mask (padding, packing) repeats k and v to the
+      q heads and keeps the mask (bs per token: once for padding, per layer for packed rows).
     - Attention, eager: q, repeated k and v, output (4bq) plus per head and attended position the fp32 softmax (4)
       and its b-byte copy (b), plus the b-byte tanh output when Gemma2 soft-caps logits: quadratic in s. Packed rows
       in eager mode attend over the whole row (block-diagonal mask), so s is the packed length.
-  Outside the layers: token ids (8 bytes), the final norm, RoPE cos/sin. The 3-class head's logits are negligible;
+  Outside the layers: token ids (8 bytes), the final norm, RoPE cos/sin, a shared SDPA padding mask. The 3-class head's logits are negligible;
   the vocabulary-sized embedding costs nothing per token (it saves only ids) but its weight and dense gradient are
   the largest ZeRO-3 working set (L = vocab x hidden for Gemma2/Llama 3).
   With gradient checkpointing only each layer's input (bh per token and layer) is kept, plus one layer recomputed in
@@ -160,39 +161,44 @@ def norm_bytes(s: Shape, b: int, feeds_linear: bool) -> int:
     return kept + (b * s.hidden if feeds_linear else 0)
 
 
-def attention_bytes(s: Shape, b: int, impl: str, attended: int, masked: bool) -> int:
+def attention_bytes(s: Shape, b: int, impl: str, attended: int, mask: str) -> int:
+    """`mask`: "none" (no padding, causal kernel), "shared" (padded rows: one mask for all layers) or "per_layer"
+    (packed rows: transformers 5 builds the block-diagonal SDPA mask in each layer; eager and flash never keep it)."""
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     if impl == "eager":
         per_score = 4 + (b if b != 4 else 0) + (b if s.softcap else 0)  # fp32 softmax, its copy, tanh output
         return 4 * b * q + s.heads * attended * per_score
-    kv_saved = q if (impl == "sdpa" and masked) else kv  # transformers repeats kv heads for masked SDPA
-    return b * (2 * q + 2 * kv_saved) + 4 * s.heads
+    if impl != "sdpa" or mask == "none":
+        return b * (2 * q + 2 * kv) + 4 * s.heads
+    # masked SDPA: transformers repeats kv heads to q heads, and the kernel saves the b-byte mask row of each token
+    return b * 4 * q + 4 * s.heads + (b * attended if mask == "per_layer" else 0)
 
 
-def layer_bytes_per_token(s: Shape, b: int, impl: str, attended: int, masked: bool) -> int:
+def layer_bytes_per_token(s: Shape, b: int, impl: str, attended: int, mask: str) -> int:
     """Activation bytes one decoder layer saves for backward, per token."""
     norms = (2 * norm_bytes(s, b, True) + 2 * norm_bytes(s, b, False)) if s.gemma_norm else 2 * norm_bytes(s, b, True)
-    return norms + attention_bytes(s, b, impl, attended, masked) + 4 * b * s.intermediate
+    return norms + attention_bytes(s, b, impl, attended, mask) + 4 * b * s.intermediate
 
 
-def outside_bytes_per_token(s: Shape, b: int) -> int:
-    """Token ids, final norm, RoPE cos/sin (shared by all layers)."""
-    return 8 + norm_bytes(s, b, False) + 2 * b * s.head_dim
+def outside_bytes_per_token(s: Shape, b: int, impl: str, attended: int, mask: str) -> int:
+    """Token ids, final norm, RoPE cos/sin, and a shared SDPA padding mask (one b-byte row per token)."""
+    shared_mask = b * attended if impl == "sdpa" and mask == "shared" else 0
+    return 8 + norm_bytes(s, b, False) + 2 * b * s.head_dim + shared_mask
 
 
-def saved_activation_bytes(s: Shape, b: int, impl: str, tokens: int, attended: int, masked: bool,
+def saved_activation_bytes(s: Shape, b: int, impl: str, tokens: int, attended: int, mask: str,
                            checkpointing: bool) -> int:
     """Bytes autograd holds at the end of the forward pass (without checkpointing: every layer's saved tensors;
     with it: each layer's input). Compared with saved-tensor hooks in tests/test_plan.py."""
-    per_layer = b * s.hidden if checkpointing else layer_bytes_per_token(s, b, impl, attended, masked)
-    return tokens * (s.layers * per_layer + outside_bytes_per_token(s, b))
+    per_layer = b * s.hidden if checkpointing else layer_bytes_per_token(s, b, impl, attended, mask)
+    return tokens * (s.layers * per_layer + outside_bytes_per_token(s, b, impl, attended, mask))
 
 
-def activation_peak_bytes(s: Shape, b: int, impl: str, tokens: int, attended: int, masked: bool,
+def activation_peak_bytes(s: Shape, b: int, impl: str, tokens: int, attended: int, mask: str,
                           checkpointing: bool) -> int:
     """Peak activation memory in backward: saved tensors, one recomputed layer, one layer's activation gradients."""
-    saved = saved_activation_bytes(s, b, impl, tokens, attended, masked, checkpointing)
-    recompute = tokens * layer_bytes_per_token(s, b, impl, attended, masked) if checkpointing else 0
+    saved = saved_activation_bytes(s, b, impl, tokens, attended, mask, checkpointing)
+    recompute = tokens * layer_bytes_per_token(s, b, impl, attended, mask) if checkpointing else 0
     grads = tokens * (b * (s.hidden + 2 * s.intermediate) + (4 * s.heads * attended if impl == "eager" else 0))
     return saved + recompute + grads
 
@@ -320,8 +326,8 @@ def plan(inp: PlanInputs, advise: bool = True) -> MemoryPlan:
         cpu += params * inp.gpus_per_node
         params = 0.0
 
-    masked = inp.packing or inp.micro_batch_size * inp.rows_per_example > 1
-    args = (s, b, inp.attn_implementation, inp.tokens, inp.attended, masked)
+    mask = "per_layer" if inp.packing else ("shared" if inp.micro_batch_size * inp.rows_per_example > 1 else "none")
+    args = (s, b, inp.attn_implementation, inp.tokens, inp.attended, mask)
     act_ckpt = activation_peak_bytes(*args, checkpointing=True)
     act_full = activation_peak_bytes(*args, checkpointing=False)
     act = act_ckpt if inp.gradient_checkpointing else act_full
