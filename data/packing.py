@@ -300,7 +300,9 @@ def collate_packed(features: Sequence[dict[str, Any]], input_key: str = "input_i
 # ------------------------------------------------------------------------------------------------ model inputs, loss
 
 FLASH_IMPLEMENTATIONS = {"flash_attention_2", "flash_attention_3"}
-PACKED_CPU_IMPLEMENTATIONS = {"eager", "sdpa"}  # flex_attention: no CPU backward, wrong packed results (PLATFORM.md)
+VARLEN_CPU = "arena_varlen"  # registered by `register_varlen_attention`: the CPU twin of the flash varlen path
+VARLEN_IMPLEMENTATIONS = FLASH_IMPLEMENTATIONS | {VARLEN_CPU}  # fed cu_seqlens by `packed_forward_kwargs`
+MASKED_IMPLEMENTATIONS = {"eager", "sdpa"}  # flex_attention: no CPU backward, wrong packed results (PLATFORM.md)
 
 
 def attn_implementation_of(model: torch.nn.Module) -> str:
@@ -319,26 +321,100 @@ def check_packed_attention(attn_implementation: str, model_type: str = "") -> No
         if model_type == "gemma2" and version < (2, 6):  # softcap arrived in flash-attn 2.6
             raise ImportError(f"Gemma2 soft-capping needs flash-attn >= 2.6, found {flash_attn.__version__}")
         return
-    if attn_implementation not in PACKED_CPU_IMPLEMENTATIONS:
-        raise ValueError(f"packed batches need attn_implementation in {sorted(PACKED_CPU_IMPLEMENTATIONS | FLASH_IMPLEMENTATIONS)}, "
-                         f"got {attn_implementation!r}")
+    if attn_implementation == VARLEN_CPU:
+        register_varlen_attention()
+        return
+    if attn_implementation not in MASKED_IMPLEMENTATIONS:
+        raise ValueError(f"packed batches need attn_implementation in "
+                         f"{sorted(MASKED_IMPLEMENTATIONS | VARLEN_IMPLEMENTATIONS)}, got {attn_implementation!r}")
     if attn_implementation == "sdpa" and model_type == "gemma2":
         raise ValueError("Gemma2 needs eager attention without flash-attn (sdpa cannot soft-cap)")
+
+
+def packed_attn_implementation(model_type: str, device: str = "cpu") -> str:
+    """Attention for packed training: flash-attention 2 on an Ampere+ GPU with flash-attn installed (>= 2.6 for
+    Gemma2), else the CPU varlen twin (registered here). Pass the result to from_pretrained / from_config."""
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        try:
+            check_packed_attention("flash_attention_2", model_type)
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return register_varlen_attention()
 
 
 def packed_forward_kwargs(batch: dict[str, Any], attn_implementation: str) -> dict[str, Any]:
     """Keyword arguments of `ArenaClassifier.forward` for a packed batch (tensors already on the model's device).
 
-    Switch: with flash attention, pass the collator's cu_seqlens / max_seqlen so transformers calls the varlen kernel
-    directly (otherwise it re-derives them from position_ids in every layer, with a device sync for max_seqlen). With
-    eager / sdpa, position_ids alone make transformers build the block-diagonal mask.
+    Switch: with flash attention (and its CPU twin), pass the collator's cu_seqlens / max_seqlen so transformers calls
+    the varlen kernel directly (otherwise it re-derives them from position_ids in every layer, with a device sync for
+    max_seqlen). With eager / sdpa, position_ids alone make transformers build the block-diagonal mask.
     """
     kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "pool_index": batch["pool_index"]}
-    if attn_implementation in FLASH_IMPLEMENTATIONS:
+    if attn_implementation in VARLEN_IMPLEMENTATIONS:
         cu = batch["cu_seqlens"].to(device=batch["input_ids"].device, dtype=torch.int32)
         m = int(batch["max_seqlen"])
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=m, max_length_k=m)
     return kwargs
+
+
+# ----------------------------------------------------------------------------------------- CPU varlen attention
+# transformers' masked path (eager / sdpa) is exact for packed rows, but it builds a (T, T) mask and computes all
+# T^2 scores of the row: at max_tokens = 8 x max_length that is ~8x the attention work of the examples themselves and
+# makes packing slower than padding on the CPU. Like flash-attention varlen, this runs attention example by example
+# (sum of l^2), fed with the same cu_seqlens kwargs through the same transformers code path, so the CPU tests exercise
+# what the GPU path receives.
+
+
+def _segment_attention(module, q, k, v, dropout: float, scaling: float | None, sliding_window: int | None,
+                       softcap: float | None) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    if softcap is None and sliding_window is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+    # Gemma2: soft-capping (and the sliding window) need the explicit scores, as in transformers' eager attention
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(2, 3)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = torch.arange(q.shape[2], device=q.device)
+    allowed = pos[None, :] <= pos[:, None]
+    if sliding_window is not None:
+        allowed &= pos[None, :] > pos[:, None] - sliding_window  # transformers' sliding_window_overlay
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return probs @ v
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, sliding_window: int | None = None,
+                             softcap: float | None = None, cu_seq_lens_q=None, position_ids=None, **kwargs):
+    """transformers attention function (query (1, heads, T, dim)) attending within each packed example only.
+
+    Boundaries come from cu_seq_lens_q (the collator's cu_seqlens) or else from position_ids restarting at 0.
+    Serves packed rows only: a padded batch (more than one row) raises, since no padding mask is built for it.
+    """
+    if query.shape[0] != 1:
+        raise ValueError(f"{VARLEN_CPU} attention serves packed rows (batch of 1); use sdpa/eager for padded batches")
+    if cu_seq_lens_q is not None:
+        bounds = cu_seq_lens_q.tolist()
+    elif position_ids is not None:
+        starts = torch.nonzero(position_ids.reshape(-1) == 0).flatten().tolist()
+        bounds = (starts if starts and starts[0] == 0 else [0, *starts]) + [query.shape[2]]
+    else:
+        bounds = [0, query.shape[2]]
+    outs = [_segment_attention(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout, scaling,
+                               sliding_window, softcap) for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_varlen_attention() -> str:
+    """Register the CPU varlen attention with transformers (idempotent); returns its attn_implementation name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_CPU, varlen_attention_forward)
+    return VARLEN_CPU
 
 
 def packed_loss(logits: torch.Tensor, labels: torch.Tensor, denominator: float | None = None) -> torch.Tensor:

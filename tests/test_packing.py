@@ -8,8 +8,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from data.packing import (
-    PackedBatchSampler, check_packed_attention, collate_packed, cu_seqlens_for, deal_into_bins, epoch_layout,
-    first_fit_decreasing, last_token_index, pack_group, packed_forward_kwargs, packed_loss, position_ids_for,
+    VARLEN_CPU, PackedBatchSampler, attn_implementation_of, check_packed_attention, collate_packed, cu_seqlens_for, deal_into_bins, epoch_layout,
+    first_fit_decreasing, last_token_index, pack_group, packed_attn_implementation, packed_forward_kwargs, packed_loss, position_ids_for,
 )
 from tests.conftest import tiny_classifier
 
@@ -24,7 +24,7 @@ def test_row_geometry():
     assert last_token_index(lengths).tolist() == [2, 3, 5]
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(1, 300), min_size=1, max_size=40))
 def test_row_geometry_matches_transformers(lengths):
     """CPU twin of the flash path: our cu_seqlens / max_seqlen are what transformers derives from position_ids."""
@@ -224,30 +224,42 @@ def test_collate_packed():
 LENGTHS = [37, 5, 60, 1, 23, 17]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_packed_logits_equal_alone(family):
-    model = tiny_classifier(family)
-    attn = model.config._attn_implementation
-    check_packed_attention(attn, model.config.model_type)
+PACKED_ATTENTION = [("llama", "sdpa"), ("llama", VARLEN_CPU), ("gemma2", "eager"), ("gemma2", VARLEN_CPU)]
+
+
+def classifier(family: str, attn: str, seed: int = 0):
+    """tiny_classifier with another attention implementation (same weights for the same seed)."""
+    model = tiny_classifier(family, seed)
+    check_packed_attention(attn, family)  # registers the varlen twin
+    model.backbone.set_attn_implementation(attn)
+    assert attn_implementation_of(model) == attn
+    return model
+
+
+@pytest.mark.parametrize("family,attn", PACKED_ATTENTION)
+def test_packed_logits_equal_alone(family, attn):
+    model = classifier(family, attn)
     feats = features(LENGTHS)
     with torch.no_grad():
         packed = model(**packed_forward_kwargs(collate_packed(feats), attn))
         alone = torch.cat([model(torch.tensor([f["input_ids"]])) for f in feats])
+        reference = torch.cat([tiny_classifier(family)(torch.tensor([f["input_ids"]])) for f in feats])
+    assert (alone - reference).abs().max().item() <= 1e-5  # the varlen twin on single rows: stock attention
     assert packed.shape == (len(LENGTHS), 3)
     assert (packed - alone).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_packed_gradient_equals_one_by_one(family):
+@pytest.mark.parametrize("family,attn", PACKED_ATTENTION)
+def test_packed_gradient_equals_one_by_one(family, attn):
     feats = features(LENGTHS, seed=1)
     labels = torch.tensor([f["label"] for f in feats])
 
-    packed_model = tiny_classifier(family).train()
+    packed_model = classifier(family, attn).train()
     batch = collate_packed(feats)
-    loss = packed_loss(packed_model(**packed_forward_kwargs(batch, "eager")), batch["labels"])
+    loss = packed_loss(packed_model(**packed_forward_kwargs(batch, attn)), batch["labels"])
     loss.backward()
 
-    single_model = tiny_classifier(family).train()
+    single_model = tiny_classifier(family).train()  # stock attention, one example at a time
     total = 0.0
     for f, y in zip(feats, labels):
         one = packed_loss(single_model(torch.tensor([f["input_ids"]])), y[None], denominator=len(feats))
@@ -282,11 +294,29 @@ def test_check_packed_attention():
             check_packed_attention("flash_attention_2", "llama")
 
 
-def test_flash_kwargs_only_for_flash():
+def test_flash_kwargs_only_for_varlen():
     b = collate_packed(features([4, 2]))
     assert set(packed_forward_kwargs(b, "sdpa")) == {"input_ids", "position_ids", "pool_index"}
-    fa = packed_forward_kwargs(b, "flash_attention_2")
-    assert fa["cu_seq_lens_q"].tolist() == [0, 4, 6] and fa["max_length_q"] == 4 == fa["max_length_k"]
+    for attn in ("flash_attention_2", VARLEN_CPU):
+        fa = packed_forward_kwargs(b, attn)
+        assert fa["cu_seq_lens_q"].tolist() == [0, 4, 6] and fa["max_length_q"] == 4 == fa["max_length_k"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_varlen_twin_from_position_ids(family):
+    """Without cu_seqlens the varlen twin splits on position_ids (as transformers' flash path does)."""
+    model = classifier(family, VARLEN_CPU)
+    batch = collate_packed(features(LENGTHS))
+    with torch.no_grad():
+        with_cu = model(**packed_forward_kwargs(batch, VARLEN_CPU))
+        from_pos = model(**packed_forward_kwargs(batch, "sdpa"))
+        with pytest.raises(ValueError, match="packed rows"):
+            model(torch.ones(2, 5, dtype=torch.long))
+    assert (with_cu - from_pos).abs().max().item() <= 1e-6
+
+
+def test_packed_attn_implementation_on_cpu():
+    assert packed_attn_implementation("gemma2", "cpu") == VARLEN_CPU
 
 
 @pytest.mark.gpu
