@@ -252,3 +252,20 @@ def test_config_errors_are_clear():
     with pytest.raises(ValueError, match="--gpus"):
         inputs_from_config(run_cfg(), 0, 1)
     assert set(ARCHITECTURES) == {"gemma2-9b", "llama3-8b"}
+
+
+def test_every_preset_plans_through_the_run_config_loader():
+    """The real presets, parsed by training.config (T1's loader), plan and fit the hardware they were written for."""
+    from pathlib import Path
+
+    from training.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    presets = sorted(p for p in (root / "configs").rglob("*.yaml"))
+    assert any(p.name == "9b_full.yaml" and p.parent.name == "gemma2" for p in presets)
+    for path in presets:
+        cfg = load_config(path, check_files=False)
+        p = plan_for_config(cfg, gpus_per_node=8, nodes=1)
+        assert p.fits, f"{path}:\n{p.render()}"
+        if path.parent.name == "gemma2" and path.name == "9b_full.yaml":
+            assert 0.9 <= p.deepspeed_ratio <= 1.1

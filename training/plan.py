@@ -549,6 +549,11 @@ def inputs_from_config(cfg: Any, gpus_per_node: int, nodes: int) -> PlanInputs:
     if gpus_per_node < 1 or nodes < 1:
         raise ValueError(f"--gpus and --nodes must be >= 1, got {gpus_per_node} and {nodes}")
     m, d, lo = cfg.model, cfg.data, cfg.lora
+    tiny = getattr(m, "tiny", None)
+    if tiny and "vocab_size" not in tiny and getattr(d, "tokenizer", None) == "train_bpe":
+        # the tiny presets take their vocabulary from the BPE tokenizer trained at run time
+        m = dataclasses.replace(m, tiny={**tiny, "vocab_size": d.bpe_vocab_size}) if dataclasses.is_dataclass(m) else \
+            _with(m, tiny={**tiny, "vocab_size": d.bpe_vocab_size})
     config = model_config_for(m)
     name = getattr(m, "architecture", None) or getattr(m, "name_or_path", None) or f"tiny {config.model_type}"
     shape = Shape.of(config, name)
@@ -569,6 +574,16 @@ def inputs_from_config(cfg: Any, gpus_per_node: int, nodes: int) -> PlanInputs:
         gpu_memory_gib=float(getattr(getattr(cfg, "hardware", None), "gpu_memory_gb", 80.0)),
         gpus_per_node=gpus_per_node, nodes=nodes,
     )
+
+
+def _with(obj: Any, **changes: Any) -> Any:
+    """A shallow copy of a plain attribute object (e.g. types.SimpleNamespace) with some attributes changed."""
+    import copy
+
+    out = copy.copy(obj)
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
 
 
 def plan_for_config(cfg: Any, gpus_per_node: int, nodes: int = 1) -> MemoryPlan:
@@ -592,6 +607,7 @@ def render(p: MemoryPlan) -> str:
              f"{inp.micro_batch_size * inp.rows_per_example} rows x {inp.max_length} tokens")
     ckpt = "on" if inp.gradient_checkpointing else "off"
     shard = f"1/{inp.gpus}"
+    weights = "NF4 projections + bf16 rest" if inp.qlora else f"{dtype} weights"
     lines = [
         f"Memory plan: {s.name} ({_b(p.inputs.counts.total)} params, largest module {_b(p.inputs.counts.largest_layer)}), "
         f"{method}, {_b(p.trained_params)} trained",
@@ -601,14 +617,15 @@ def render(p: MemoryPlan) -> str:
         f"  micro-batch: {batch} = {inp.tokens} tokens per GPU",
         "",
         f"  {'per GPU, GiB':<62}{'plan':>8}",
-        f"  {'parameters         ' + dtype + ' weights' + (' shard ' + shard if z.stage == 3 else ''):<62}{p.params_gib:8.2f}",
+        f"  {'parameters         ' + weights + (' shard ' + shard if z.stage == 3 else ''):<62}{p.params_gib:8.2f}",
         f"  {'gradients          shard ' + (shard if z.stage >= 2 else '(replicated)'):<62}{p.grads_gib:8.2f}",
         f"  {'optimizer states   fp32 master + Adam m, v, shard ' + (shard if z.stage >= 1 else ''):<62}"
         f"{p.optimizer_gib:8.2f}",
     ]
     if z.stage == 3:
         lines.append(f"  {'ZeRO-3 working set gathered largest module + its gradient (bwd)':<62}{p.working_set_gib:8.2f}")
-    lines.append(f"  {'optimizer step     fp32 grads of one sub-group (step only)':<62}{p.step_grads_gib:8.2f}")
+    step_what = "fp32 grads of one sub-group" if z.stage == 3 else "fp32 grads of the shard"
+    lines.append(f"  {'optimizer step     ' + step_what + ' (step only)':<62}{p.step_grads_gib:8.2f}")
     ds = p.deepspeed_estimate
     ds_txt = ""
     if ds is not None:
@@ -632,13 +649,19 @@ def render(p: MemoryPlan) -> str:
     if ds is not None:
         lines.append(f"  - DeepSpeed's {ds.function}(total_params={ds.total_params}, largest_layer_params="
                      f"{ds.largest_layer_params}, {inp.gpus_per_node}, {inp.nodes}) covers model states only;")
-        lines.append("    it counts 18 bytes per parameter shard (fp32 gradients for the whole shard) + 4 x largest "
-                     "layer, this plan bf16 gradient shards + fp32 gradients per optimizer sub-group.")
+        if z.stage == 3:
+            lines.append("    it counts 18 bytes per parameter shard (fp32 gradients for the whole shard) + 4 x largest "
+                         "layer; this plan bf16 gradient shards, then fp32 gradients of one optimizer sub-group.")
+        else:
+            lines.append("    it counts 2 bytes per parameter (replicated weights) + 18 bytes per parameter shard.")
         lines.append("    Activations, communication buckets, CUDA/NCCL context and fragmentation are not in it.")
-    if inp.attn_implementation == "flash_attention_2":
-        lines.append("  - assumes flash-attention 2 (the flash-attn extra on Ampere+); without it Gemma2 runs eager "
-                     "attention, whose score matrices are quadratic in length (set model.attn_implementation=eager "
-                     "to plan that).")
+    if inp.attn_implementation == "flash_attention_2" and s.softcap:
+        lines.append("  - assumes flash-attention 2 (flash-attn >= 2.6 on Ampere+, for soft-capping); without it Gemma2 "
+                     "runs eager attention, whose score matrices are quadratic in length (plan that with "
+                     "model.attn_implementation=eager).")
+    elif inp.attn_implementation == "flash_attention_2":
+        lines.append("  - assumes flash-attention 2 (the flash-attn extra on Ampere+); without it transformers uses "
+                     "SDPA, also linear in length (plan it with model.attn_implementation=sdpa).")
     if inp.lora_enabled:
         lines.append("  - LoRA activations use the full fine-tuning formula (an upper bound).")
     if p.advice:
