@@ -46,6 +46,16 @@ class CostModel:
         per_layer = hidden * (2 * q + 2 * kv) + mlp  # q, o projections are hidden x q; k, v are hidden x kv
         return cls(params=float(layers * per_layer), layers=layers, attn_dim=q)
 
+    @classmethod
+    def from_config_file(cls, path) -> "CostModel":
+        """From a config.json without importing transformers' model code (multimodal configs: their text part)."""
+        import json
+        from types import SimpleNamespace
+
+        d = json.loads(open(path, encoding="utf-8").read())
+        d = d.get("text_config", d)
+        return cls.from_config(SimpleNamespace(**d))
+
 
 def row_lengths(full_lengths: np.ndarray, max_length: int) -> np.ndarray:
     """Rendered length of each row under a max_length (truncation keeps at most max_length tokens)."""

@@ -229,8 +229,6 @@ def _load_spec(cfg: PredictConfig, k: int, model_dir: str, meta: dict) -> LoadSp
 
 def _tokenize_all(cfg, specs, weights, battles: list[Battle]) -> list[Phase]:
     """A Phase per model. Models sharing a tokenizer share one tokenization (the slow part on 25k rows)."""
-    from transformers import AutoConfig
-
     from data.template import FormatConfig, Formatter
     from data.tokenizer import load_tokenizer
 
@@ -251,9 +249,9 @@ def _tokenize_all(cfg, specs, weights, battles: list[Battle]) -> list[Phase]:
             cache[key] = formatter.tokenize(battles)
         turns = cache[key]
         full = np.array([formatter.full_lengths(t) for t in turns], dtype=np.int64)
-        config = AutoConfig.from_pretrained(spec.base_model or spec.model_dir, local_files_only=True)
-        phases.append(Phase(k, spec, meta, formatter, int(tok.pad_token_id), max_length,
-                            batching.CostModel.from_config(config), turns, full, float(weights[k])))
+        cost = batching.CostModel.from_config_file(Path(spec.base_model or spec.model_dir) / "config.json")
+        phases.append(Phase(k, spec, meta, formatter, int(tok.pad_token_id), max_length, cost, turns, full,
+                            float(weights[k])))
         log.info("model %d %s: tokenized in %.1fs; lengths median %d, max %d, %d%% over max_length %d",
                  k, spec.model_dir, time.monotonic() - t, np.median(full), full.max(),
                  round(100 * np.mean(full > max_length)), max_length)
@@ -323,8 +321,9 @@ class _Loop:
         self.mode = 0
         self.inflight: dict[int, InFlight] = {}
         self.next_id = 0
-        self.speed = {w.index: budget.Throughput() for w in pool.workers}
-        self.warm: set[tuple[int, int]] = set()  # (worker, model) pairs past their first (warm-up) batch
+        self.speed = {w.index: budget.Throughput() for w in pool.workers}  # steady-state batches
+        self.first = {w.index: budget.Throughput() for w in pool.workers}  # first batch after a load (warm-up)
+        self.warm: set[tuple[int, int]] = set()  # (worker, model) pairs past their first batch
         self.load_seconds: list[float] = []
         self.messages: list[str] = []
         self.errors: dict[int, str] = {}
@@ -365,7 +364,10 @@ class _Loop:
     def _choose_mode(self, now: float) -> None:
         if self.hard_stop is None:
             return
-        rate = budget.combined_rate(list(self.speed.values()), len(self.pool.alive()))
+        alive = len(self.pool.alive())
+        # warm-up batches (CUDA context, kernel selection) are slow: use them only until a steady one is measured
+        rate = budget.combined_rate(list(self.speed.values()), alive) or \
+            budget.combined_rate(list(self.first.values()), alive)
         inflight = sum(b.cost for b in self.inflight.values())
         future_loads = sum(1 for ph in self.phases[1:] if ph.has_pending() and not any(
             w.loaded is not None and w.loaded >= ph.k for w in self.pool.alive()))
@@ -375,8 +377,11 @@ class _Loop:
         if new != self.mode:
             proj = "does not fit even then" if self.projection is None or self.projection > self.hard_stop - now \
                 else f"projected {budget.format_duration(self.projection)}"
-            log.warning("time budget: %s left; switching remaining rows to %s (%s)",
-                        budget.format_duration(self.hard_stop - now), self.modes[new].describe(), proj)
+            msg = (f"time budget: {budget.format_duration(self.hard_stop - now)} left at "
+                   f"{budget.format_duration(now - self.t0)}; remaining rows switched to {self.modes[new].describe()} "
+                   f"({proj})")
+            log.warning("%s", msg)
+            self.messages.append(msg)
             self.mode = new
 
     def _dispatch(self) -> None:
@@ -433,8 +438,7 @@ class _Loop:
             if ooms:
                 log.warning("worker %d: out of memory %d time(s); batch halved and retried", index, ooms)
             self._store(b, logits)
-            if (index, b.phase) in self.warm:
-                self.speed[index].add(b.cost, seconds)
+            (self.speed if (index, b.phase) in self.warm else self.first)[index].add(b.cost, seconds)
             self.warm.add((index, b.phase))
 
     def _store(self, b: InFlight, logits: np.ndarray) -> None:
