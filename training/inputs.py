@@ -1,0 +1,166 @@
+"""Training inputs: tokenizer, tokenized splits, per-rank batch samplers and collators (padded or packed, full swap).
+
+Rank 0 does the one-off work (training a BPE tokenizer, tokenizing into the on-disk cache) while the other ranks
+wait at a barrier and then read its result, so N processes never tokenize the same file N times.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .config import RunConfig
+from .distributed import Dist
+
+log = logging.getLogger(__name__)
+
+SWAP_LABEL = (1, 0, 2)  # label of the A/B-swapped battle: A wins <-> B wins, tie stays
+
+
+def prepare_tokenizer(cfg: RunConfig, dist: Dist):
+    """The run's tokenizer. `train_bpe` trains one from data.train_csv into output_dir/tokenizer (once; reused on
+    resume, so a resumed run sees the same ids)."""
+    from data.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    src = cfg.data.tokenizer or cfg.model.name_or_path
+    if src != "train_bpe":
+        return load_tokenizer(src)
+    out = Path(cfg.output_dir) / "tokenizer"
+    if dist.is_main and not (out / "tokenizer_config.json").exists():
+        from data.reading import read_battles
+
+        texts = [t for b in read_battles(cfg.data.train_csv) for t in (*b.prompt, *b.response_a, *b.response_b)]
+        tmp = out.with_name(".tokenizer.tmp")
+        train_bpe_tokenizer(texts, tmp, vocab_size=cfg.data.bpe_vocab_size)
+        tmp.replace(out)
+    dist.barrier()
+    return load_tokenizer(out)
+
+
+@dataclass
+class Splits:
+    train: "object"  # datasets.Dataset with input_ids, swap_input_ids, length, label, id
+    valid: "object | None"
+    prior: list[float]  # training label frequencies (A, B, tie)
+
+
+def load_splits(cfg: RunConfig, tokenizer, dist: Dist) -> Splits:
+    """Train and validation datasets. Without data.valid_csv, fold data.valid_fold of the training file is held out
+    (folds are prompt-grouped, so no prompt appears on both sides)."""
+    from data.dataset import tokenized_dataset
+
+    d = cfg.data
+
+    def load(path):
+        kw = dict(num_folds=d.num_folds, seed=d.fold_seed, cache_dir=d.cache_dir)
+        if dist.is_main:
+            tokenized_dataset(path, tokenizer, d.format, progress=True, **kw)
+        dist.barrier()  # the others read rank 0's cache
+        return tokenized_dataset(path, tokenizer, d.format, progress=False, **kw)
+
+    full = load(d.train_csv)
+    labels = np.asarray(full["label"])
+    if (labels < 0).any():
+        raise ValueError(f"{d.train_csv}: {int((labels < 0).sum())} rows have no label (winner_* columns)")
+    if d.valid_csv:
+        train, valid = full, load(d.valid_csv)
+        if (np.asarray(valid["label"]) < 0).any():
+            raise ValueError(f"{d.valid_csv}: validation rows need labels")
+    elif d.valid_fold is not None:
+        folds = np.asarray(full["fold"])
+        train = full.select(np.flatnonzero(folds != d.valid_fold))
+        valid = full.select(np.flatnonzero(folds == d.valid_fold))
+    else:
+        train, valid = full, None
+    counts = np.bincount(np.asarray(train["label"]), minlength=3).astype(float)
+    return Splits(train=train, valid=valid, prior=(counts / counts.sum()).tolist())
+
+
+def examples_of(ds, indices: list[int], full_swap: bool) -> list[dict]:
+    """Collator inputs for dataset rows; with full swap each row is followed by its A/B-swapped twin."""
+    cols = ds[indices]
+    out = []
+    for ids, swap_ids, y in zip(cols["input_ids"], cols["swap_input_ids"], cols["label"]):
+        out.append({"input_ids": ids, "label": int(y)})
+        if full_swap:
+            out.append({"input_ids": swap_ids, "label": SWAP_LABEL[int(y)]})
+    return out
+
+
+def example_lengths(ds, full_swap: bool) -> np.ndarray:
+    """Per-row token counts the sampler balances on: a full-swap pair counts both renderings."""
+    n = np.asarray(ds["length"], dtype=np.int64)
+    if not full_swap:
+        return n
+    return n + np.asarray([len(x) for x in ds["swap_input_ids"]], dtype=np.int64)
+
+
+def make_sampler(cfg: RunConfig, ds, dist: Dist):
+    """RandomBatchSampler (padded) or PackedBatchSampler (data.packing), seeded by train.seed."""
+    d = cfg.data
+    lengths = example_lengths(ds, d.full_swap)
+    if d.packing:
+        from data.packing import PackedBatchSampler  # imported only when packing is on
+
+        return PackedBatchSampler(lengths, d.max_tokens, num_replicas=dist.world_size, rank=dist.rank,
+                                  seed=cfg.train.seed, shuffle=True)
+    from data.batching import RandomBatchSampler
+
+    return RandomBatchSampler(lengths, d.micro_batch_size, dist.world_size, dist.rank, seed=cfg.train.seed, shuffle=True)
+
+
+def make_collate(cfg: RunConfig, pad_id: int) -> Callable[[list[dict]], dict]:
+    if cfg.data.packing:
+        from data.packing import collate_packed
+
+        return collate_packed
+    from data.batching import collate_padded
+
+    return lambda examples: collate_padded(examples, pad_id)
+
+
+def forward_kwargs(batch: dict, packing: bool, attn_implementation: str) -> dict:
+    """The ArenaClassifier.forward() arguments of a collated batch (labels, cu_seqlens... are not model inputs)."""
+    if packing:
+        from data.packing import packed_forward_kwargs
+
+        return packed_forward_kwargs(batch, attn_implementation)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def micro_batches(sampler, ds, collate, full_swap: bool, world_size: int) -> Iterator[tuple[dict, float]]:
+    """Endless stream of (collated micro-batch, loss denominator), epoch after epoch, from the sampler's position.
+
+    The denominator makes the summed per-example loss a mean over the examples of the micro-step on ALL ranks
+    (DeepSpeed then averages gradients over ranks): packed micro-batches hold different numbers of examples, and
+    each example should weigh the same. Padded micro-batches are equal-sized, so it is their own size.
+    """
+    per_index = 2 if full_swap else 1
+    epoch = sampler.state_dict()["epoch"]
+    while True:
+        sampler.set_epoch(epoch)
+        for indices in sampler:
+            if hasattr(sampler, "examples_in_step"):  # packed: counted without a collective (same layout everywhere)
+                denom = sampler.examples_in_step(sampler.step - 1) * per_index / world_size
+            else:
+                denom = len(indices) * per_index
+            yield collate(examples_of(ds, indices, full_swap)), float(denom)
+        epoch += 1
+
+
+def eval_shard(n: int, world_size: int, rank: int, lengths: np.ndarray, batch_size: int) -> list[list[int]]:
+    """This rank's evaluation batches (dataset indices). Every rank gets the same number of batches (ZeRO-3 needs
+    every rank in every forward): the last shard is topped up with repeats of index 0, which callers drop by index.
+    Rows are sorted by length so that padding is small."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    per_rank = -(-n // world_size)
+    padded = np.concatenate([order, np.zeros(per_rank * world_size - n, dtype=order.dtype)])
+    mine = padded[rank::world_size][:per_rank]
+    return [mine[s : s + batch_size].tolist() for s in range(0, len(mine), batch_size)]

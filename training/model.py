@@ -1,0 +1,186 @@
+"""Build the classifier that is trained: backbone (pretrained, or tiny from config), optional LoRA/QLoRA, the head.
+
+Under ZeRO-3 the parameters are partitioned from the moment they are created (HfDeepSpeedConfig must exist before
+the backbone is built, and the head is created inside deepspeed.zero.Init), so even a 9B model never sits whole on
+one GPU. The head is then initialised explicitly with its parameters gathered to rank 0 and broadcast.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+
+import torch
+
+from inference.modeling import ArenaClassifier, default_attn_implementation
+
+from .config import RunConfig, model_type_of
+
+log = logging.getLogger(__name__)
+
+
+def train_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and exact-resume tests need fp32)."""
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if cfg.model.dtype == "bfloat16" and device.type == "cpu":
+        raise ValueError("model.dtype=bfloat16 is not supported for CPU training; use auto or float32")
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.model.dtype]
+
+
+def hf_config(cfg: RunConfig, tokenizer):
+    """The backbone's HF config (tiny: built from model.tiny with the tokenizer's vocabulary)."""
+    from transformers import AutoConfig
+
+    if cfg.model.tiny:
+        kw = dict(cfg.model.tiny)
+        model_type = kw.pop("model_type")
+        special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        return AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **{**special, **kw})
+    return AutoConfig.from_pretrained(cfg.model.name_or_path)
+
+
+def hidden_size(hf_cfg) -> int:
+    return getattr(hf_cfg, "hidden_size", None) or hf_cfg.get_text_config().hidden_size
+
+
+def attn_implementation(cfg: RunConfig, device: torch.device) -> str:
+    mtype = model_type_of(cfg) or ""
+    return cfg.model.attn_implementation or default_attn_implementation(mtype, device.type)
+
+
+def build_backbone(cfg: RunConfig, hf_cfg, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModel
+
+    attn = attn_implementation(cfg, device)
+    if cfg.model.tiny:
+        backbone = AutoModel.from_config(hf_cfg, attn_implementation=attn, dtype=dtype)
+    else:
+        kwargs = {}
+        if cfg.lora.qlora:
+            kwargs.update(quantization_config=_bnb_4bit(dtype), device_map={"": str(device)})
+        backbone = AutoModel.from_pretrained(cfg.model.name_or_path, dtype=dtype, attn_implementation=attn, **kwargs)
+    # the pooled token only needs the backbone's hidden states: no KV cache while training (also keeps packed
+    # position_ids detectable, see inference.modeling)
+    backbone.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads, and with ZeRO-3 hooks
+        kwargs = {"use_reentrant": False}
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return backbone
+
+
+def _bnb_4bit(dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError("lora.qlora needs bitsandbytes: pip install 'arena-pref[gpu]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def add_lora(cfg: RunConfig, backbone):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lo = cfg.lora
+    if lo.qlora:
+        backbone = prepare_model_for_kbit_training(
+            backbone, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_cfg = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
+                          bias="none")
+    try:
+        return get_peft_model(backbone, peft_cfg)
+    except ValueError as e:  # e.g. target modules not found in the model
+        raise ValueError(f"lora.target_modules={list(lo.target_modules)}: {e}") from None
+
+
+def build_model(cfg: RunConfig, tokenizer, hf_cfg, ds_config: dict, device: torch.device) -> ArenaClassifier:
+    """The ArenaClassifier to train (parameters partitioned when ZeRO stage is 3; head explicitly initialised)."""
+    dtype = train_dtype(cfg, device)
+    stage3 = cfg.deepspeed.zero_stage == 3
+    backbone = build_backbone(cfg, hf_cfg, dtype, device)
+    if cfg.lora.enabled:
+        backbone = add_lora(cfg, backbone)
+    if stage3:
+        import deepspeed
+
+        init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+    else:
+        init_ctx = nullcontext()
+    with init_ctx:  # the head is created partitioned too
+        model = ArenaClassifier(backbone, cfg.model.head)
+    if not stage3:
+        model.head.to(dtype=dtype)
+    with gathered(list(model.head.parameters()), modifier_rank=0):
+        # rank 0's values are broadcast when the context exits, so every rank starts from the same head
+        model.reset_head()
+    return model
+
+
+def gathered(params, modifier_rank=None):
+    """deepspeed.zero.GatheredParameters for ZeRO-3 parameters, a no-op context for ordinary ones."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def param_groups(cfg: RunConfig, model: ArenaClassifier) -> list[dict]:
+    """AdamW groups: weight decay only on matrices (not biases / norm weights); the head may have its own lr."""
+    t = cfg.train
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are empty locally; ds_shape is the real one
+        key = (name.startswith("head."), len(shape) >= 2)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_head, decay), params in sorted(groups.items()):
+        lr = (t.head_lr or t.lr) if is_head else t.lr
+        out.append({"params": params, "lr": lr, "weight_decay": t.weight_decay if decay else 0.0})
+    return out
+
+
+def make_optimizer(cfg: RunConfig, model: ArenaClassifier):
+    """torch AdamW, or DeepSpeed's CPU Adam when the optimizer is offloaded (ZeRO-Offload requires it)."""
+    t = cfg.train
+    groups = param_groups(cfg, model)
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr for the update at 0-based optimizer step `step`: linear warmup, cosine decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(cfg: RunConfig, optimizer, total_steps: int):
+    t = cfg.train
+    warmup = t.warmup_steps or int(round(t.warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, t.min_lr_ratio))
+
+
+def count_params(model) -> dict[str, int]:
+    """Full and local (this rank's partition) element counts, and trainable elements: evidence of ZeRO-3 sharding."""
+    full = local = trainable = 0
+    for p in model.parameters():
+        n = getattr(p, "ds_numel", p.numel())
+        full += n
+        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        trainable += n if p.requires_grad else 0
+    return {"full_numel": full, "local_numel": local, "trainable_numel": trainable}

@@ -1,0 +1,307 @@
+"""Fine-tune a preference classifier with DeepSpeed (ZeRO-3 by default): setup, one training loop, export.
+
+    arena-train --config configs/tiny/llama_cpu.yaml                       # one CPU process
+    deepspeed --num_gpus 8 --module training --config configs/gemma2/9b_full.yaml
+    torchrun --nproc_per_node 8 -m training --config configs/llama3/8b_full.yaml
+
+Reads top to bottom: processes and data, model and engine, resume, the loop (forward, backward, step, evaluate,
+checkpoint), then the export of the best (or last) model to output_dir/final/ with its validation predictions,
+temperature, class prior and report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import check_resumable, find_resume, load_checkpoint, save_checkpoint, write_atomic
+from .config import RunConfig, deepspeed_config, to_dict
+from .distributed import Dist, all_gather_objects, all_mean, setup_distributed
+from .export import export_model
+from .inputs import (eval_shard, examples_of, forward_kwargs, load_splits, make_collate, make_sampler, micro_batches,
+                     prepare_tokenizer, to_device)
+from .metrics import MetricsLogger
+from .model import (attn_implementation, build_model, count_params, hf_config, hidden_size, make_optimizer,
+                    make_scheduler, train_dtype)
+
+log = logging.getLogger("training")
+
+PREDICTIONS_FILE = "val_predictions.npz"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN/inf: the run stops before the bad update reaches a checkpoint."""
+
+
+def run(cfg: RunConfig) -> Path | None:
+    """Train, then export to output_dir/final/. Returns the export directory (None when stopped early on purpose)."""
+    dist = setup_distributed()
+    _setup_logging(dist)
+    _seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights before partitioning
+    out = Path(cfg.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.yaml", json.dumps(to_dict(cfg), indent=2))
+    check_memory_plan(cfg, dist)
+
+    # ---- data
+    tokenizer = prepare_tokenizer(cfg, dist)
+    splits = load_splits(cfg, tokenizer, dist)
+    sampler = make_sampler(cfg, splits.train, dist)
+    collate = make_collate(cfg, tokenizer.pad_token_id)
+    gas = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = len(sampler) // gas
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    if total_steps < 1:
+        raise ValueError(f"{len(sampler)} micro-batches per epoch are fewer than gradient_accumulation_steps={gas}")
+
+    # ---- model and engine
+    import deepspeed
+
+    hf_cfg = hf_config(cfg, tokenizer)
+    dtype = train_dtype(cfg, dist.device)
+    ds_config = deepspeed_config(cfg, dist.world_size, hidden_size(hf_cfg), bf16=dtype == torch.bfloat16)
+    hf_ds_config = None
+    if cfg.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Must exist BEFORE the model is built: from_config/from_pretrained then create partitioned parameters.
+        # transformers keeps only a weak reference, so this variable keeps it alive for the whole run.
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    model = build_model(cfg, tokenizer, hf_cfg, ds_config, dist.device)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                           config=ds_config)
+
+    # ---- resume
+    state = {"step": 0, "sampler": sampler.state_dict(), "best_val": None, "best_step": None}
+    ckpt = find_resume(cfg)
+    if ckpt is not None:
+        state = check_resumable(cfg, ckpt, dist)
+        load_checkpoint(engine, ckpt, dist)
+        sampler.load_state_dict(state["sampler"])
+        _forget_best_after(out, state)
+        log.info("resumed from %s at step %d", ckpt, state["step"])
+    _write_run_info(cfg, dist, model, splits, total_steps, steps_per_epoch)
+    logger = MetricsLogger(cfg, dist.is_main, state["step"] if ckpt is not None else None)
+    last_good = ckpt
+
+    # ---- the loop: gas micro-batches per optimizer step; DeepSpeed scales, reduces, clips and steps
+    stream = micro_batches(sampler, splits.train, collate, cfg.data.full_swap, dist.world_size)
+    attn = attn_implementation(cfg, dist.device)
+    if cfg.data.packing:
+        from data.packing import check_packed_attention
+
+        check_packed_attention(attn, hf_cfg.model_type)
+    bar = _progress(total_steps, state["step"], dist)
+    preds = None  # validation predictions of the exported model
+    while state["step"] < total_steps:
+        engine.train()
+        t0, loss_sum, rows = time.time(), 0.0, 0
+        lr = optimizer.param_groups[0]["lr"]
+        for _ in range(gas):
+            batch, denominator = next(stream)
+            batch = to_device(batch, dist.device)
+            logits = engine(**forward_kwargs(batch, cfg.data.packing, attn))
+            loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum",
+                                   label_smoothing=cfg.train.label_smoothing) / denominator
+            value = all_mean(loss.item(), dist)  # every rank sees the same value, so all stop together
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"training loss is {value} at step {state['step'] + 1}: stopping before the update. "
+                    f"Last good checkpoint: {last_good or 'none written yet'} (resume=auto continues from it); "
+                    "lower train.lr, check train.max_grad_norm or the data")
+            engine.backward(loss)
+            engine.step()
+            loss_sum += value
+            rows += len(batch["labels"])
+        state["step"] += 1
+        state["sampler"] = sampler.state_dict()
+        step = state["step"]
+        record = {"step": step, "loss": loss_sum / gas, "lr": lr, "grad_norm": _float(engine.get_global_grad_norm()),
+                  "epoch": round(state["sampler"]["epoch"] + state["sampler"]["step"] / max(1, len(sampler)), 4),
+                  "rows": rows * dist.world_size, "step_time": round(time.time() - t0, 4)}
+
+        if splits.valid is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
+                                         or step == total_steps):
+            ev = evaluate(engine, splits.valid, cfg, tokenizer.pad_token_id, dist)
+            record.update(val_logloss=ev["val_logloss"], val_accuracy=ev["val_accuracy"])
+            if state["best_val"] is None or ev["val_logloss"] < state["best_val"]:
+                state["best_val"], state["best_step"] = ev["val_logloss"], step
+                if cfg.train.export == "best":
+                    _export(engine.module, cfg, tokenizer, dist, out / "best", ev, step, splits.prior)
+            if cfg.train.export == "last":
+                preds = ev
+        if step % cfg.train.log_every == 0 or "val_logloss" in record or step == total_steps:
+            logger.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **({"val": f"{record['val_logloss']:.4f}"}
+                                                          if "val_logloss" in record else {}))
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:  # the end exports
+            last_good = save_checkpoint(engine, cfg, dist, state)
+        if cfg.train.stop_after_steps and step >= cfg.train.stop_after_steps:
+            log.warning("train.stop_after_steps=%d reached: stopping without export", step)
+            logger.close()
+            return None
+    bar.close()
+
+    # ---- export: final/ = the best model (or the last), with its validation predictions and calibration
+    final = out / "final"
+    if cfg.train.export == "best" and dist.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(out / "best", final)
+        preds = dict(np.load(final / PREDICTIONS_FILE))
+    elif cfg.train.export == "last":
+        _export(engine.module, cfg, tokenizer, dist, final, preds, state["step"], splits.prior)
+    dist.barrier()
+    if dist.is_main:
+        finish_export(cfg, final, preds)
+    logger.close()
+    return final
+
+
+def evaluate(engine, ds, cfg: RunConfig, pad_id: int, dist: Dist) -> dict:
+    """Log loss / accuracy of the model on `ds`, plus the logits (every rank returns the same result)."""
+    from data.batching import collate_padded
+    from data.scoring import accuracy, log_loss
+
+    bs = cfg.data.eval_batch_size or 2 * cfg.data.micro_batch_size
+    batches = eval_shard(len(ds), dist.world_size, dist.rank, ds["length"], bs)
+    engine.eval()
+    idx, out = [], []
+    with torch.no_grad():
+        for b in batches:
+            batch = collate_padded(examples_of(ds, b, full_swap=False), pad_id)
+            logits = engine(**forward_kwargs(to_device(batch, dist.device), packing=False, attn_implementation=""))
+            idx += b
+            out.append(logits.float().cpu().numpy())
+    engine.train()
+    logits = np.full((len(ds), 3), np.nan)
+    for i, lg in all_gather_objects((idx, np.concatenate(out)), dist):
+        logits[i] = lg  # the padding repeats of index 0 write identical values
+    labels = np.asarray(ds["label"])
+    probs = _softmax(logits)
+    return {"val_logloss": log_loss(probs, labels), "val_accuracy": accuracy(probs, labels),
+            "logits": logits, "probs": probs, "labels": labels, "ids": np.asarray(ds["id"])}
+
+
+def _export(module, cfg, tokenizer, dist, out_dir: Path, ev: dict | None, step: int, prior) -> None:
+    """Export (collective) and, on rank 0, store the exported model's validation predictions next to it."""
+    extra = {"step": step, "prior": prior}
+    if ev is not None:
+        extra["val_logloss"] = ev["val_logloss"]
+    export_model(module, cfg, tokenizer, dist, out_dir, **extra)
+    if dist.is_main and ev is not None:
+        save_predictions(out_dir / PREDICTIONS_FILE, ev)
+
+
+def save_predictions(path: Path, ev: dict) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **{k: ev[k] for k in ("probs", "labels", "logits", "ids")})
+    os.replace(tmp, path)
+
+
+def finish_export(cfg: RunConfig, final: Path, preds: dict | None) -> None:
+    """Rank 0: val_predictions.npz in the run dir, temperature into arena.json, the report (if helper modules exist)."""
+    from inference.modeling import read_meta, save_meta
+
+    out = Path(cfg.output_dir)
+    meta = read_meta(final)
+    if preds is not None:
+        save_predictions(out / PREDICTIONS_FILE, preds)
+    report = _optional_report()
+    if preds is not None and cfg.train.temperature_scaling:
+        if report is None:
+            log.warning("training/report.py is missing: temperature scaling skipped (temperature stays 1.0)")
+        else:
+            meta["temperature"] = float(report.fit_temperature(preds["logits"], preds["labels"]))
+    save_meta(final, meta)
+    if report is None:
+        log.warning("training/report.py is missing: no report written")
+    elif preds is not None:
+        report.write_report(out)
+    log.info("exported %s (temperature %.3f)", final, meta["temperature"])
+
+
+def _optional_report():
+    try:
+        from . import report
+    except ImportError as e:
+        if getattr(e, "name", "") != f"{__package__}.report":
+            raise
+        return None
+    return report
+
+
+def check_memory_plan(cfg: RunConfig, dist: Dist) -> None:
+    """On GPU, refuse to start a run whose per-GPU memory plan does not fit (hardware.check_memory=false skips)."""
+    if dist.device.type != "cuda" or not cfg.hardware.check_memory:
+        return
+    from .cli import load_plan_module
+
+    gpus = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+    plan = load_plan_module().plan_for_config(cfg, gpus_per_node=gpus, nodes=max(1, dist.world_size // gpus))
+    if not plan.fits:
+        raise SystemExit("the memory plan does not fit, refusing to start:\n" + plan.render() + "\n"
+                         + "\n".join(f"  - {a}" for a in plan.advice)
+                         + "\n(hardware.check_memory=false starts anyway)")
+
+
+def _forget_best_after(out: Path, state: dict) -> None:
+    """A best/ export from after the resumed checkpoint (lost steps), or none at all: forget the best so far, so that
+    the next evaluation exports again."""
+    meta = out / "best" / "arena.json"
+    if state.get("best_step") is not None and (
+            not meta.exists() or json.loads(meta.read_text()).get("step") != state["best_step"]):
+        state["best_val"] = state["best_step"] = None
+
+
+def _write_run_info(cfg, dist: Dist, model, splits, total_steps: int, steps_per_epoch: int) -> None:
+    counts = all_gather_objects(count_params(model), dist)
+    if dist.is_main:
+        info = {"world_size": dist.world_size, "device": str(dist.device), "zero_stage": cfg.deepspeed.zero_stage,
+                "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "train_rows": len(splits.train),
+                "valid_rows": len(splits.valid) if splits.valid is not None else 0, "prior": splits.prior,
+                "params_per_rank": counts}
+        write_atomic(Path(cfg.output_dir) / "run_info.json", json.dumps(info, indent=2))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - x.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _float(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _progress(total: int, initial: int, dist: Dist):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not dist.is_main)
+
+
+def _setup_logging(dist: Dist) -> None:
+    # DeepSpeed's own collectives use torch names deprecated in torch 2.13: one warning per call would drown the log
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                            category=FutureWarning)
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format=f"[rank{dist.rank}] %(asctime)s %(name)s: %(message)s")
