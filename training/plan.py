@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -352,16 +353,14 @@ def deepspeed_estimate(inp: PlanInputs) -> DeepSpeedEstimate | None:
     z, c = inp.zero, inp.counts
     try:
         if z.stage == 3:
-            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as est
-
+            est = _deepspeed_module("deepspeed.runtime.zero.stage3").estimate_zero3_model_states_mem_needs
             cpu, gpu, _ = est(total_params=c.total + inp.head_params, largest_layer_params=c.largest_layer,
                               num_gpus_per_node=inp.gpus_per_node, num_nodes=inp.nodes,
                               cpu_offload=z.offload_optimizer, cpu_offload_params=z.offload_params, zero_init=True,
                               additional_buffer_factor=DS_BUFFER_FACTOR)
             name = "estimate_zero3_model_states_mem_needs"
         elif z.stage == 2:
-            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as est
-
+            est = _deepspeed_module("deepspeed.runtime.zero.stage_1_and_2").estimate_zero2_model_states_mem_needs
             cpu, gpu = est(total_params=c.total + inp.head_params, num_gpus_per_node=inp.gpus_per_node,
                            num_nodes=inp.nodes, cpu_offload=z.offload_optimizer,
                            additional_buffer_factor=DS_BUFFER_FACTOR)
@@ -371,6 +370,27 @@ def deepspeed_estimate(inp: PlanInputs) -> DeepSpeedEstimate | None:
     except ImportError:
         return None
     return DeepSpeedEstimate(name, int(gpu), int(cpu), c.total + inp.head_params, c.largest_layer)
+
+
+def _deepspeed_module(name: str):
+    """Import a DeepSpeed module without its "Setting accelerator to CPU" notice, which it prints to stdout on
+    machines without a GPU (login nodes, where plans are made); planning needs no accelerator. Only that record is
+    dropped, and only during this import."""
+    import importlib
+    import logging
+
+    if name in sys.modules:
+        return sys.modules[name]
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.addFilter(keep)
+    try:
+        return importlib.import_module(name)
+    finally:
+        ds_logger.removeFilter(keep)
 
 
 # ---------------------------------------------------------------------------------------------------- advice
