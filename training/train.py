@@ -125,13 +125,19 @@ def run(cfg: RunConfig) -> Path | None:
             engine.backward(loss)
             engine.step()
             loss_sum += value
-            rows += len(batch["labels"])
+            rows += denominator * dist.world_size  # the micro-step's examples on all ranks
+        if not engine.was_step_applied():
+            # bf16/fp32 have no loss scaling: a skipped update means inf/NaN gradients, which DeepSpeed would
+            # otherwise skip with a warning at every step while the run "succeeds"
+            raise NonFiniteLoss(
+                f"non-finite gradients at step {state['step'] + 1} (DeepSpeed skipped the update). "
+                f"Last good checkpoint: {last_good or 'none written yet'}; lower train.lr or set train.max_grad_norm")
         state["step"] += 1
         state["sampler"] = sampler.state_dict()
         step = state["step"]
         record = {"step": step, "loss": loss_sum / gas, "lr": lr, "grad_norm": _float(engine.get_global_grad_norm()),
                   "epoch": round(state["sampler"]["epoch"] + state["sampler"]["step"] / max(1, len(sampler)), 4),
-                  "rows": rows * dist.world_size, "step_time": round(time.time() - t0, 4)}
+                  "rows": int(round(rows)), "step_time": round(time.time() - t0, 4)}
 
         if splits.valid is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                          or step == total_steps):
@@ -219,6 +225,8 @@ def finish_export(cfg: RunConfig, final: Path, preds: dict | None) -> None:
 
     out = Path(cfg.output_dir)
     meta = read_meta(final)
+    if meta.get("adapter") and (final / "base").is_dir():  # base weights written inside the export moved with it
+        meta["base_model"] = str((final / "base").resolve())
     if preds is not None:
         save_predictions(out / PREDICTIONS_FILE, preds)
     report = _optional_report()
