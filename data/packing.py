@@ -9,6 +9,8 @@ tokens. Attention stays block-diagonal, so an example's logits are those of the 
   fed with `cu_seqlens` / `max_seqlen` from the collator (`packed_forward_kwargs`), so no device sync per layer.
 - CPU / no flash-attn: transformers 5 detects position_ids that restart at 0 when `attention_mask=None` and
   `use_cache=False` and builds the block-diagonal mask itself (sdpa for Llama, eager for Gemma2, sliding window kept).
+  Exact, but it computes all T^2 scores of the row. `arena_varlen` (`register_varlen_attention`) is the CPU twin of
+  the flash path: same cu_seqlens kwargs through the same transformers code, attention example by example.
 
 Layout of an epoch (`epoch_layout`), computed identically on every rank from (seed, epoch), so there is no collective:
   1. shuffle the indices;
@@ -18,9 +20,12 @@ Layout of an epoch (`epoch_layout`), computed identically on every rank from (se
      fills bins to the brim and leaves a light last one (a rank that idles), dealing gives bins whose token totals differ
      by at most one example's length; the long examples are dealt first, one per bin, so attention cost (sum of squared
      lengths) is balanced as well;
-  4. group bins of similar load into steps of one bin per rank, shuffle the steps, assign bins to ranks at random.
+  4. group bins of similar cost (tokens + attention) into steps of one bin per rank, shuffle the steps, and assign
+     the bins of a step to ranks at random.
 
-An example longer than `max_tokens` is an error at construction (it names the index): the data is truncated to
+A mega-batch too small to give every rank a bin is merged into its neighbour; only an epoch that cannot be laid out at
+all (e.g. every example longer than max_tokens / 2 and their count not a multiple of the ranks) is an error, raised at
+construction. An example longer than `max_tokens` is an error at construction (it names the index): the data is truncated to
 `max_length`, so `max_tokens >= max_length` is a configuration error, never something to fix by dropping rows.
 """
 from __future__ import annotations
@@ -173,7 +178,8 @@ class PackedBatchSampler:
 
     Every rank computes the same epoch layout (see module doc), takes its own column and thus gets the same number of
     steps with nearly equal token totals; every example appears once per epoch across all ranks. `len()` is the
-    number of steps of the current epoch (the same on every rank, computed locally: no collective).
+    number of steps of the current epoch (the same on every rank, computed locally: no collective); it can differ by
+    a step or so between epochs, as the shuffle changes how well mega-batches pack.
 
     Position: `state_dict()` / `load_state_dict()` save and restore (epoch, step). The step counts the batches yielded,
     which equals the batches consumed with a DataLoader of num_workers=0; with worker prefetch pass the consumed count,
