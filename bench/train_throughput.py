@@ -146,7 +146,8 @@ def main() -> None:
     for name, t in trainers.items():
         assert t.tokens == real, (name, t.tokens, real)  # every real token trained once per method
         print(f"{name:>7}: {sum(map(len, parts[name])):>4} micro-batches, "
-              f"{computed[name] / real:.2f} computed/real tokens, CPU {t.cpu_seconds:6.1f} s ({rate[name]:6.0f} real tokens/s), "
+              f"{computed[name] / real:.2f} computed/real tokens, "
+              f"CPU {t.cpu_seconds:6.1f} s ({rate[name]:6.0f} real tokens/s), "
               f"wall {t.seconds:6.1f} s ({wall[name]:6.0f}/s), "
               f"mean loss first/last quarter {np.mean(t.losses[: len(t.losses) // 4]):.3f}/"
               f"{np.mean(t.losses[-len(t.losses) // 4 :]):.3f}")

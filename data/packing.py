@@ -5,8 +5,9 @@ longest row is ~44% real tokens, padded to max_length ~31%. Packing concatenates
 `max_tokens` tokens, so every computed token is real and a micro-batch never needs more memory than `max_tokens`
 tokens. Attention stays block-diagonal, so an example's logits are those of the example run alone:
 
-- GPU: flash-attention 2 varlen (`attn_implementation="flash_attention_2"`; Gemma2 soft-capping needs flash-attn >= 2.6),
-  fed with `cu_seqlens` / `max_seqlen` from the collator (`packed_forward_kwargs`), so no device sync per layer.
+- GPU: flash-attention 2 varlen (`attn_implementation="flash_attention_2"`; Gemma2 soft-capping needs
+  flash-attn >= 2.6), fed with `cu_seqlens` / `max_seqlen` from the collator (`packed_forward_kwargs`), so there is
+  no device sync per layer.
 - CPU / no flash-attn: transformers 5 detects position_ids that restart at 0 when `attention_mask=None` and
   `use_cache=False` and builds the block-diagonal mask itself (sdpa for Llama, eager for Gemma2, sliding window kept).
   Exact, but it computes all T^2 scores of the row. `arena_varlen` (`register_varlen_attention`) is the CPU twin of
@@ -17,16 +18,16 @@ Layout of an epoch (`epoch_layout`), computed identically on every rank from (se
   2. cut them into mega-batches worth about `mega_batch_steps` steps of `max_tokens` on every rank;
   3. inside a mega-batch, sort by length (longest first) and deal each example to the bin with the fewest tokens, with a
      number of bins that is a multiple of the number of ranks (`deal_into_bins`). Unlike first-fit-decreasing, which
-     fills bins to the brim and leaves a light last one (a rank that idles), dealing gives bins whose token totals differ
-     by at most one example's length; the long examples are dealt first, one per bin, so attention cost (sum of squared
-     lengths) is balanced as well;
+     fills bins to the brim and leaves a light last one (a rank that idles), dealing gives bins whose token totals
+     differ by at most one example's length; the long examples are dealt first, one per bin, so attention cost (sum of
+     squared lengths) is balanced as well;
   4. group bins of similar cost (tokens + attention) into steps of one bin per rank, shuffle the steps, and assign
      the bins of a step to ranks at random.
 
 A mega-batch too small to give every rank a bin is merged into its neighbour; only an epoch that cannot be laid out at
 all (e.g. every example longer than max_tokens / 2 and their count not a multiple of the ranks) is an error, raised at
-construction. An example longer than `max_tokens` is an error at construction (it names the index): the data is truncated to
-`max_length`, so `max_tokens >= max_length` is a configuration error, never something to fix by dropping rows.
+construction. An example longer than `max_tokens` is an error at construction (it names the index): the data is
+truncated to `max_length`, so `max_tokens >= max_length` is a configuration error, never fixed by dropping rows.
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def epoch_layout(lengths: Sequence[int], max_tokens: int, num_replicas: int, see
     """The whole epoch for all ranks: steps[s][rank] = dataset indices of that rank's micro-batch at step s.
 
     A pure function of its arguments. `fill` < 1 leaves headroom so that dealing a mega-batch into
-    `mega_batch_steps * num_replicas` bins of `max_tokens` succeeds; when it does not, that mega-batch gets one step more.
+    `mega_batch_steps * num_replicas` bins of `max_tokens` succeeds; when it does not, that mega-batch gets a step more.
     `attn_cost_scale`: the length at which an example's attention is weighted as much as its linear layers (generous
     for 8B models, where it is nearer 30k; measured on the real sample it keeps token totals within a few percent
     while evening out attention work).
@@ -193,7 +194,8 @@ class PackedBatchSampler:
         self.lengths = [int(x) for x in lengths]
         self.max_tokens = int(max_tokens)
         self.num_replicas, self.rank, self.seed, self.shuffle = int(num_replicas), int(rank), int(seed), shuffle
-        self.mega_batch_steps, self.fill, self.attn_cost_scale = int(mega_batch_steps), float(fill), float(attn_cost_scale)
+        self.mega_batch_steps, self.fill = int(mega_batch_steps), float(fill)
+        self.attn_cost_scale = float(attn_cost_scale)
         self._validate()
         # The whole epoch as one mega-batch is the last resort of pack_mega_batches: check now that it exists.
         pack_mega_batches([list(range(len(self.lengths)))], self.lengths, self.max_tokens, self.num_replicas)
@@ -208,7 +210,8 @@ class PackedBatchSampler:
         if not 0 < self.fill <= 1 or self.mega_batch_steps < 1:
             raise ValueError(f"need 0 < fill <= 1 and mega_batch_steps >= 1, got {self.fill}, {self.mega_batch_steps}")
         if len(self.lengths) < self.num_replicas:
-            raise ValueError(f"{len(self.lengths)} examples cannot give each of {self.num_replicas} ranks a micro-batch")
+            raise ValueError(
+                f"{len(self.lengths)} examples cannot give each of {self.num_replicas} ranks a micro-batch")
         for i, n in enumerate(self.lengths):
             if not 1 <= n <= self.max_tokens:
                 raise ValueError(f"example {i} has {n} tokens, outside [1, max_tokens={self.max_tokens}]: "

@@ -8,8 +8,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from data.packing import (
-    VARLEN_CPU, PackedBatchSampler, attn_implementation_of, check_packed_attention, collate_packed, cu_seqlens_for, deal_into_bins, epoch_layout,
-    first_fit_decreasing, last_token_index, pack_group, packed_attn_implementation, packed_forward_kwargs, packed_loss, position_ids_for,
+    VARLEN_CPU, PackedBatchSampler, attn_implementation_of, check_packed_attention, collate_packed, cu_seqlens_for,
+    deal_into_bins, epoch_layout, first_fit_decreasing, last_token_index, pack_group, packed_attn_implementation,
+    packed_forward_kwargs, packed_loss, position_ids_for,
 )
 from tests.conftest import tiny_classifier
 

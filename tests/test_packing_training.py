@@ -18,8 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "tiny" / "llama_cpu.yaml"
 STEPS = 150
-COMMON = [f"train.max_steps={STEPS}", "train.lr=3e-3", "train.save_every=0", "train.eval_every=0",
-          "train.export=last", "data.valid_fold=null", "data.format.max_length=64", "model.gradient_checkpointing=false"]
+COMMON = [f"train.max_steps={STEPS}", "train.lr=3e-3", "train.save_every=0", "train.eval_every=0", "train.export=last",
+          "data.valid_fold=null", "data.format.max_length=64", "model.gradient_checkpointing=false"]
 MODES = {
     "padded": ["data.micro_batch_size=4"],
     "packed": ["data.packing=true", "data.max_tokens=256", "data.micro_batch_size=1"],
