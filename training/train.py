@@ -239,7 +239,7 @@ def finish_export(cfg: RunConfig, final: Path, preds: dict | None) -> None:
     if report is None:
         log.warning("training/report.py is missing: no report written")
     elif preds is not None:
-        report.write_report(out)
+        report.write_report(out, temperature=meta["temperature"])  # the temperature that ships with the export
     log.info("exported %s (temperature %.3f)", final, meta["temperature"])
 
 
