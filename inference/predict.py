@@ -191,6 +191,7 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     from inference.pool import WorkerPool, parse_devices
 
     devices = parse_devices(cfg.devices)
+    _preflight(cfg, devices)
     batch_tokens = cfg.batch_tokens or (8192 if devices[0].startswith("cuda") else 4096)
     pool = WorkerPool(devices)
     pool.start()
@@ -217,6 +218,18 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     messages += _describe(phases, modes, ids, fallback)
     code = EXIT_DEGRADED if messages else EXIT_OK
     return PredictResult(Path(cfg.out), len(ids), code, messages, notes, time.monotonic() - t0, probs)
+
+
+def _preflight(cfg: PredictConfig, devices: list[str]) -> None:
+    """Fail on options every worker would fail on, before starting them (clear message, exit status 2)."""
+    import importlib.util
+
+    from inference.loading import quantization_config, torch_dtype
+
+    for d in set(devices):
+        dtype = torch_dtype(cfg.dtype, d)
+    if cfg.quantize != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        quantization_config(cfg.quantize, dtype)  # raises ImportError naming the pip extra
 
 
 def _load_spec(cfg: PredictConfig, k: int, model_dir: str, meta: dict) -> LoadSpec:

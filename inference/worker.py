@@ -90,6 +90,13 @@ class Runner:
             return np.concatenate([self.run(seqs[:half], pad_id), self.run(seqs[half:], pad_id)])
 
 
+def _empty_cache(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def _parent_alive() -> bool:
     parent = multiprocessing.parent_process()
     return parent is None or parent.is_alive()
@@ -133,11 +140,11 @@ def worker_main(index: int, device: str, threads: int, inbox, outbox) -> None:
                 _, model_idx, spec = msg
                 if current == model_idx:
                     continue
-                runner = None
+                runner = None  # free the previous model before loading the next (two 9B copies do not fit a T4)
                 gc.collect()
+                _empty_cache(device)
                 t0 = time.perf_counter()
-                model, _ = load_model(LoadSpec(**spec), device)
-                runner = Runner(model, device, debug["oom_above"])
+                runner = Runner(load_model(LoadSpec(**spec), device)[0], device, debug["oom_above"])
                 current = model_idx
                 outbox.put(("ready", index, model_idx, time.perf_counter() - t0))
                 continue
