@@ -178,7 +178,8 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     if odd:
         notes.append(f"{len(odd)} odd input rows predicted best-effort (ids {_short(odd)})")
 
-    # 2. Models: check the exports, then write the prior-filled submission right away.
+    # 2. A valid file at once (uniform), then the models' prior once their arena.json files are read.
+    write_submission(cfg.out, ids, np.full((len(ids), 3), 1.0 / 3.0), np.full(3, 1.0 / 3.0))
     metas = [check_export(m) for m in cfg.models]
     weights = np.asarray(cfg.weights or [1.0] * len(cfg.models), dtype=np.float64)
     weights = weights / weights.sum()

@@ -215,6 +215,7 @@ def test_bad_model_dir_is_a_clear_error(sample_dir, tmp_path, capsys):
     code = main(["--model", str(tmp_path / "nope"), "--test", str(sample_dir / "test.csv"), "--out",
                  str(tmp_path / "s.csv")])
     assert code == EXIT_USAGE and "nope: model directory not found" in capsys.readouterr().err
+    assert validate_submission(tmp_path / "s.csv", test_ids(sample_dir / "test.csv")) == []  # uniform, but valid
 
 
 def test_killing_the_main_process_leaves_a_valid_file(tiny_export_dir, sample_dir, tmp_path):
