@@ -113,6 +113,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="interleaved timing chunks per method")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time measures the work exactly)")
+    ap.add_argument("--packed-attn", default="arena_varlen",
+                    help="attention of the packed model: arena_varlen, or sdpa (transformers' (T, T) mask route)")
+    ap.add_argument("--max-tokens", type=int, default=0, help="packed row budget (default batch_size x max_length)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -122,14 +125,15 @@ def main() -> None:
     perm = np.random.default_rng(args.seed).permutation(len(examples))
     padded = [padded_batch([examples[i] for i in perm[s : s + args.batch_size]])
               for s in range(0, len(examples), args.batch_size)]
-    max_tokens = args.batch_size * args.max_length
+    max_tokens = args.max_tokens or args.batch_size * args.max_length
     packed = [collate_packed([examples[i] for i in b])
               for b in PackedBatchSampler(lengths, max_tokens, seed=args.seed)]
 
-    varlen = register_varlen_attention()
+    register_varlen_attention()
+    attn = args.packed_attn
     trainers = {
         "padded": Trainer(tiny_model("sdpa", args.hidden), lambda m, b: m(b["input_ids"], b["attention_mask"])),
-        "packed": Trainer(tiny_model(varlen, args.hidden), lambda m, b: m(**packed_forward_kwargs(b, varlen))),
+        "packed": Trainer(tiny_model(attn, args.hidden), lambda m, b: m(**packed_forward_kwargs(b, attn))),
     }
     warm = {"padded": padded[0], "packed": packed[0]}
     for name, t in trainers.items():  # first-call overheads (allocator, kernels) out of the timing
@@ -157,7 +161,7 @@ def main() -> None:
         "wall_speedup": round(wall["packed"] / wall["padded"], 3),
         "padded_real_fraction": round(real / computed["padded"], 4),
         "rows": len(examples), "real_tokens": real, "max_length": args.max_length, "max_tokens": max_tokens,
-        "batch_size": args.batch_size, "hidden": args.hidden, "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size, "hidden": args.hidden, "threads": torch.get_num_threads(), "packed_attn": attn,
     }
     print(json.dumps(result))
 

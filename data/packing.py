@@ -31,6 +31,7 @@ truncated to `max_length`, so `max_tokens >= max_length` is a configuration erro
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from typing import Any, Iterator, Sequence
@@ -377,10 +378,11 @@ def packed_forward_kwargs(batch: dict[str, Any], attn_implementation: str) -> di
 
 def _segment_attention(module, q, k, v, dropout: float, scaling: float | None, sliding_window: int | None,
                        softcap: float | None) -> torch.Tensor:
+    """Causal attention of one sequence: q (1, heads, n, dim), k / v (1, kv_heads, n, dim) -> (1, n, heads, dim)."""
     groups = q.shape[1] // k.shape[1]
     if softcap is None and sliding_window is None:
         return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+            q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=groups > 1).transpose(1, 2)
     # Gemma2: soft-capping (and the sliding window) need the explicit scores, as in transformers' eager attention
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(2, 3)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
@@ -393,36 +395,50 @@ def _segment_attention(module, q, k, v, dropout: float, scaling: float | None, s
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
-    return probs @ v
+    return (probs @ v).transpose(1, 2)
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, sliding_window: int | None = None,
                              softcap: float | None = None, cu_seq_lens_q=None, position_ids=None, **kwargs):
-    """transformers attention function (query (1, heads, T, dim)) attending within each packed example only.
+    """transformers attention function (query (batch, heads, T, dim)): causal attention within each sequence only.
 
-    Boundaries come from cu_seq_lens_q (the collator's cu_seqlens) or else from position_ids restarting at 0.
-    Serves packed rows only: a padded batch (more than one row) raises, since no padding mask is built for it.
+    Packed row: boundaries from cu_seq_lens_q (the collator's cu_seqlens), else from position_ids restarting at 0.
+    Padded batch: `attention_mask` is the (batch, T) keep-mask that transformers' flash mask builder hands over (see
+    `register_varlen_attention`); each row attends among its real tokens, as flash-attention's unpadding does.
     """
-    if query.shape[0] != 1:
-        raise ValueError(f"{VARLEN_CPU} attention serves packed rows (batch of 1); use sdpa/eager for padded batches")
-    if cu_seq_lens_q is not None:
+    attend = functools.partial(_segment_attention, module, dropout=dropout, scaling=scaling,
+                               sliding_window=sliding_window, softcap=softcap)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"{VARLEN_CPU} attention takes a (batch, T) padding mask, got {attention_mask.dim()}D")
+        out = query.new_zeros(query.shape).transpose(1, 2).contiguous()  # pad positions: 0, never pooled
+        for b in range(query.shape[0]):
+            keep = attention_mask[b].nonzero().flatten()
+            out[b, keep] = attend(query[b : b + 1, :, keep], key[b : b + 1, :, keep], value[b : b + 1, :, keep])[0]
+        return out, None
+    if query.shape[0] == 1 and cu_seq_lens_q is not None:
         bounds = cu_seq_lens_q.tolist()
-    elif position_ids is not None:
+    elif query.shape[0] == 1 and position_ids is not None:
         starts = torch.nonzero(position_ids.reshape(-1) == 0).flatten().tolist()
         bounds = (starts if starts and starts[0] == 0 else [0, *starts]) + [query.shape[2]]
-    else:
+    else:  # rows without padding, one sequence each
         bounds = [0, query.shape[2]]
-    outs = [_segment_attention(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout, scaling,
-                               sliding_window, softcap) for s, e in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+    outs = [attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim=1), None
 
 
 def register_varlen_attention() -> str:
-    """Register the CPU varlen attention with transformers (idempotent); returns its attn_implementation name."""
+    """Register the varlen attention with transformers (idempotent); returns its attn_implementation name.
+
+    Its mask builder is flash-attention's: None for packed rows (no (T, T) mask is ever built) and the 2D padding
+    mask for padded batches, so a model using it also evaluates padded batches exactly.
+    """
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
     AttentionInterface.register(VARLEN_CPU, varlen_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_CPU, flash_attention_mask)
     return VARLEN_CPU
 
 

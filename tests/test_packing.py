@@ -311,9 +311,27 @@ def test_varlen_twin_from_position_ids(family):
     with torch.no_grad():
         with_cu = model(**packed_forward_kwargs(batch, VARLEN_CPU))
         from_pos = model(**packed_forward_kwargs(batch, "sdpa"))
-        with pytest.raises(ValueError, match="packed rows"):
-            model(torch.ones(2, 5, dtype=torch.long))
     assert (with_cu - from_pos).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_varlen_twin_on_padded_batches(family, side):
+    """A model trained packed with the varlen twin evaluates padded batches exactly too (like flash unpadding)."""
+    feats = features(LENGTHS)
+    width = max(LENGTHS)
+    ids = torch.zeros(len(feats), width, dtype=torch.long)
+    mask = torch.zeros(len(feats), width, dtype=torch.long)
+    for r, f in enumerate(feats):
+        span = slice(0, len(f["input_ids"])) if side == "right" else slice(width - len(f["input_ids"]), width)
+        ids[r, span], mask[r, span] = torch.tensor(f["input_ids"]), 1
+    with torch.no_grad():
+        varlen = classifier(family, VARLEN_CPU)(ids, mask)
+        stock = tiny_classifier(family)(ids, mask)
+        unpadded = classifier(family, VARLEN_CPU)(ids[:, :5])  # no padding at all: one sequence per row
+        unpadded_stock = tiny_classifier(family)(ids[:, :5])
+    assert (varlen - stock).abs().max().item() <= 1e-5
+    assert (unpadded - unpadded_stock).abs().max().item() <= 1e-5
 
 
 def test_packed_attn_implementation_on_cpu():
