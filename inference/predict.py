@@ -200,7 +200,7 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     modes = budget.ladder(cfg.tta)
     phases: list[Phase] = []
     try:
-        phases = _tokenize_all(cfg, specs, weights, battles)
+        phases = _tokenize_all(cfg, specs, metas, weights, battles)
         loop = _Loop(cfg, pool, phases, modes, ids, prior, batch_tokens, hard_stop, t0)
         loop.run()
         messages += loop.messages
@@ -241,15 +241,14 @@ def _load_spec(cfg: PredictConfig, k: int, model_dir: str, meta: dict) -> LoadSp
     return LoadSpec(model_dir=str(model_dir), base_model=base, quantize=cfg.quantize, dtype=cfg.dtype)
 
 
-def _tokenize_all(cfg, specs, weights, battles: list[Battle]) -> list[Phase]:
+def _tokenize_all(cfg, specs, metas, weights, battles: list[Battle]) -> list[Phase]:
     """A Phase per model. Models sharing a tokenizer share one tokenization (the slow part on 25k rows)."""
     from data.template import FormatConfig, Formatter
     from data.tokenizer import load_tokenizer
 
     cache: dict[str, list] = {}
     phases = []
-    for k, spec in enumerate(specs):
-        meta = check_export(spec.model_dir)
+    for k, (spec, meta) in enumerate(zip(specs, metas)):
         t = time.monotonic()
         try:
             tok = load_tokenizer(spec.model_dir)
