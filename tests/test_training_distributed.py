@@ -257,3 +257,17 @@ def test_non_finite_update_stops_with_a_clear_error_and_keeps_the_checkpoint(sam
     assert "non-finite" in proc.stderr and "Last good checkpoint" in proc.stderr
     assert (out / "checkpoints" / "latest").read_text() == "step_00000001"
     assert not (out / "checkpoints" / "step_00000002").exists() and not (out / "final").exists()
+
+
+def test_qlora_from_pretrained_dir_merges_into_a_plain_export(tiny_export_dir, sample_dir, tmp_path):
+    """A pretrained backbone directory (model.name_or_path), 4-bit NF4 base (bitsandbytes on CPU), ZeRO-2: the
+    export has dequantized base + merged LoRA weights, loads as an ordinary model and matches the training model."""
+    out = tmp_path / "run"
+    launch(single_cmd(["--config", str(LLAMA), f"data.train_csv={sample_dir / 'train.csv'}", f"output_dir={out}",
+                       "model.tiny=null", f"model.name_or_path={tiny_export_dir}", f"data.tokenizer={tiny_export_dir}",
+                       "lora.enabled=true", "lora.qlora=true", "deepspeed.config=configs/deepspeed/zero2.json",
+                       "deepspeed.param_persistence_threshold=null", "train.max_steps=4", "train.eval_every=2",
+                       "train.save_every=0"]))
+    meta = check_export_matches_training_model(out, sample_dir / "train.csv")
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert meta["adapter"] is False and "quantization_config" not in config

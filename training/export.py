@@ -36,7 +36,26 @@ def gathered_state_dict(model: torch.nn.Module, dist: Dist) -> dict[str, torch.T
     for name, b in model.state_dict().items():  # persistent buffers (never partitioned)
         if name not in params:
             out[name] = b.detach().cpu().clone()
-    return out
+    return dequantize_4bit_weights(model, out)
+
+
+def dequantize_4bit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """QLoRA: replace packed NF4 weights (and their quant-state entries) by dequantized ones, so that LoRA can be
+    merged and the export loads as an ordinary model. A no-op for models without bitsandbytes 4-bit layers."""
+    # bitsandbytes' own class (peft's LoRA wrapper around it has the same class name)
+    quantized = [(n, m) for n, m in model.named_modules()
+                 if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
+    if not quantized:
+        return state
+    import bitsandbytes.functional as bnbf
+
+    for name, m in quantized:
+        key = f"{name}.weight"
+        for k in [k for k in state if k.startswith(key + ".")]:
+            del state[k]  # absmax, quant_map, ... of the packed weight
+        w = bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        state[key] = w.to("cpu", m.weight.quant_state.dtype).clone()
+    return state
 
 
 def merge_lora(state: dict[str, torch.Tensor], scaling: float, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
@@ -87,8 +106,29 @@ class _PlainView:
     """What save_pretrained needs of a LoRA model whose weights were merged: the unwrapped HF backbone."""
 
     def __init__(self, model: ArenaClassifier):
-        self.backbone = model.backbone.get_base_model()
+        base = model.backbone.get_base_model()
+        self.backbone = _DequantizedBackbone(base) if getattr(base, "hf_quantizer", None) else base
         self.head_cfg, self.pooling, self.head = model.head_cfg, model.pooling, model.head
+
+
+class _DequantizedBackbone:
+    """Writes a QLoRA backbone as an ordinary one. transformers' save_pretrained of a quantized model ignores the
+    state_dict it is given and saves the packed 4-bit weights, so config and safetensors are written here."""
+
+    def __init__(self, base):
+        import copy
+
+        self.config = copy.deepcopy(base.config)
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(self.config, attr):
+                delattr(self.config, attr)
+
+    def save_pretrained(self, out: str, state_dict: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self.config.save_pretrained(out)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(Path(out) / "model.safetensors"),
+                  metadata={"format": "pt"})
 
 
 def _save_adapter(model, cfg: RunConfig, tokenizer, tmp: Path, out_dir: Path, state: dict, fmt: dict, meta: dict):

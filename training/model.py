@@ -107,6 +107,12 @@ def build_model(cfg: RunConfig, tokenizer, hf_cfg, ds_config: dict, device: torc
     backbone = build_backbone(cfg, hf_cfg, dtype, device)
     if cfg.lora.enabled:
         backbone = add_lora(cfg, backbone)
+    if cfg.lora.qlora and device.type == "cpu":
+        for m in backbone.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                # bitsandbytes repacks 4-bit weights for bf16 AVX512 kernels in eval mode on CPU: evaluation would
+                # then run in bf16 and the export (dequantized from a lossy inverse) would not match it
+                m.support_avx512bf16_for_cpu = False
     if stage3:
         import deepspeed
 
