@@ -221,7 +221,8 @@ def test_gemma2_zero3_learns_partitioned_and_exports(gemma2_run, sample_dir):
     check_every_parameter_changes(gemma2_run)
     meta = check_export_matches_training_model(gemma2_run, sample_dir / "train.csv")
     assert meta["head"]["type"] == "mlp"
-    assert metrics(gemma2_run)[0]["rows"] == 2 * 2 * 2  # full swap: 2 ranks x 2 battles x (example + its swap)
+    # full swap and accumulation: 2 ranks x 2 micro-batches x 2 battles x (example + its swap)
+    assert metrics(gemma2_run)[0]["rows"] == 2 * 2 * 2 * 2
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA, NaN
@@ -233,7 +234,9 @@ def test_lora_changes_only_adapter_and_head(sample_dir, tmp_path):
     out = tmp_path / "run"
     launch(single_cmd(["--config", str(LLAMA), f"data.train_csv={sample_dir / 'train.csv'}", f"output_dir={out}",
                        "train.max_steps=12", "train.save_every=4", "train.eval_every=4", "train.keep_checkpoints=3",
-                       "lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.merge_on_export=false"]))
+                       "lora.enabled=true", "lora.r=4", "lora.alpha=8", "lora.merge_on_export=false",
+                       "wandb.enabled=true"]))  # WANDB_MODE=offline: the run is logged to output_dir/wandb
+    assert (out / "wandb" / "latest-run").exists() and (out / "wandb_id").exists()
     a, b = fp32_checkpoint(out, 4), fp32_checkpoint(out, 8)
     changed = {k for k in a if not torch.equal(a[k], b[k])}
     lora_or_head = {k for k in a if ".lora_" in k or k.startswith("head.")}
@@ -262,12 +265,16 @@ def test_non_finite_update_stops_with_a_clear_error_and_keeps_the_checkpoint(sam
 def test_qlora_from_pretrained_dir_merges_into_a_plain_export(tiny_export_dir, sample_dir, tmp_path):
     """A pretrained backbone directory (model.name_or_path), 4-bit NF4 base (bitsandbytes on CPU), ZeRO-2: the
     export has dequantized base + merged LoRA weights, loads as an ordinary model and matches the training model."""
+    from data.synthetic import write_sample
+
+    valid = write_sample(tmp_path / "valid", rows=40, seed=11, test_rows=3)["train"]  # a separate labelled file
     out = tmp_path / "run"
     launch(single_cmd(["--config", str(LLAMA), f"data.train_csv={sample_dir / 'train.csv'}", f"output_dir={out}",
-                       "model.tiny=null", f"model.name_or_path={tiny_export_dir}", f"data.tokenizer={tiny_export_dir}",
+                       f"data.valid_csv={valid}", "model.tiny=null", f"model.name_or_path={tiny_export_dir}", f"data.tokenizer={tiny_export_dir}",
                        "lora.enabled=true", "lora.qlora=true", "deepspeed.config=configs/deepspeed/zero2.json",
                        "deepspeed.param_persistence_threshold=null", "train.max_steps=4", "train.eval_every=2",
                        "train.save_every=0"]))
-    meta = check_export_matches_training_model(out, sample_dir / "train.csv")
+    meta = check_export_matches_training_model(out, valid)
+    assert json.loads((out / "run_info.json").read_text())["valid_rows"] == 40
     config = json.loads((out / "final" / "config.json").read_text())
     assert meta["adapter"] is False and "quantization_config" not in config

@@ -166,3 +166,23 @@ def test_find_resume_follows_latest_and_rejects_incomplete(tmp_path):
     with pytest.raises(FileNotFoundError, match="incomplete or missing"):
         find_resume(cfg)
     assert find_resume(load_config(TINY, [f"output_dir={tmp_path}", "resume=never"], check_files=False)) is None
+
+
+def test_refuses_to_start_when_the_memory_plan_does_not_fit(monkeypatch):
+    from training.config import load_config
+    from training.distributed import Dist
+    from training.train import check_memory_plan
+
+    from tests.test_configs import ROOT
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    gpu = Dist(rank=0, world_size=8, local_rank=0, device=torch.device("cuda", 0))  # what a GPU rank would see
+    preset = ROOT / "configs" / "gemma2" / "9b_full.yaml"
+    check_memory_plan(load_config(preset, check_files=False), gpu)  # fits on 8 x 80 GB: no error
+    small = load_config(preset, ["hardware.gpu_memory_gb=16"], check_files=False)
+    with pytest.raises(SystemExit, match="does not fit, refusing to start"):
+        check_memory_plan(small, gpu)
+    check_memory_plan(load_config(preset, ["hardware.gpu_memory_gb=16", "hardware.check_memory=false"],
+                                  check_files=False), gpu)
+    cpu = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    check_memory_plan(small, cpu)  # the plan is about GPU memory: CPU runs are not checked

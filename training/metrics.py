@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from pathlib import Path
 
 from .checkpoint import write_atomic
@@ -55,7 +56,7 @@ def _init_wandb(cfg: RunConfig):
         raise ImportError("wandb.enabled=true needs wandb: pip install 'arena-pref[train]'") from None
     out = Path(cfg.output_dir)
     id_file = out / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]  # kept for resume
     write_atomic(id_file, run_id)
     w = cfg.wandb
     wandb.init(project=w.project, entity=w.entity, name=w.name, id=run_id, resume="allow", dir=str(out),

@@ -44,9 +44,18 @@ def hidden_size(hf_cfg) -> int:
     return getattr(hf_cfg, "hidden_size", None) or hf_cfg.get_text_config().hidden_size
 
 
-def attn_implementation(cfg: RunConfig, device: torch.device) -> str:
-    mtype = model_type_of(cfg) or ""
-    return cfg.model.attn_implementation or default_attn_implementation(mtype, device.type)
+def attn_implementation(cfg: RunConfig, device: torch.device) -> str | None:
+    """The configured attention, else eager for Gemma2 / flash-attention 2 on Ampere+; None lets transformers pick
+    (sdpa where the architecture supports it, eager otherwise, e.g. DeBERTa-v2)."""
+    if cfg.model.attn_implementation:
+        return cfg.model.attn_implementation
+    choice = default_attn_implementation(model_type_of(cfg) or "", device.type)
+    return None if choice == "sdpa" else choice
+
+
+def attn_implementation_of(model) -> str:
+    """The attention the built backbone actually uses."""
+    return getattr(model.config, "_attn_implementation", None) or "eager"
 
 
 def build_backbone(cfg: RunConfig, hf_cfg, dtype: torch.dtype, device: torch.device):

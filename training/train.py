@@ -31,7 +31,7 @@ from .export import export_model
 from .inputs import (eval_shard, examples_of, forward_kwargs, load_splits, make_collate, make_sampler, micro_batches,
                      prepare_tokenizer, to_device)
 from .metrics import MetricsLogger
-from .model import (attn_implementation, build_model, count_params, hf_config, hidden_size, make_optimizer,
+from .model import (attn_implementation_of, build_model, count_params, hf_config, hidden_size, make_optimizer,
                     make_scheduler, train_dtype)
 
 log = logging.getLogger("training")
@@ -99,7 +99,7 @@ def run(cfg: RunConfig) -> Path | None:
 
     # ---- the loop: gas micro-batches per optimizer step; DeepSpeed scales, reduces, clips and steps
     stream = micro_batches(sampler, splits.train, collate, cfg.data.full_swap, dist.world_size)
-    attn = attn_implementation(cfg, dist.device)
+    attn = attn_implementation_of(model)
     if cfg.data.packing:
         from data.packing import check_packed_attention
 
@@ -259,7 +259,7 @@ def check_memory_plan(cfg: RunConfig, dist: Dist) -> None:
         return
     from .cli import load_plan_module
 
-    gpus = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+    gpus = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 0) or torch.cuda.device_count()))
     plan = load_plan_module().plan_for_config(cfg, gpus_per_node=gpus, nodes=max(1, dist.world_size // gpus))
     if not plan.fits:
         raise SystemExit("the memory plan does not fit, refusing to start:\n" + plan.render() + "\n"
