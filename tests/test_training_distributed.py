@@ -80,13 +80,16 @@ def args_for(preset: Path, csv: Path, out: Path, *extra: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- shared checks
 
 
-def check_loss_goes_down(run: Path) -> None:
+def check_loss_goes_down(run: Path, margin: float) -> None:
+    """Mean loss of the last 10 of 30 steps below that of the first 10. On this data a from-scratch tiny model
+    learns the planted signal after ~100 steps; within 30 it mostly sheds its random start (Llama: ~1.19 -> ~1.09;
+    Gemma2 with full swap, whose MLP head starts at ~ln 3: ~1.101 -> ~1.099)."""
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     loss = [r["loss"] for r in rows]
     assert all(np.isfinite(loss))
     first, last = np.mean(loss[:10]), np.mean(loss[-10:])
-    assert last < first, (first, last, loss)
+    assert last < first - margin, (first, last, loss)
     assert [r["step"] for r in rows if "val_logloss" in r] == [10, 20, 30]
 
 
@@ -161,7 +164,7 @@ def llama_run(sample_dir, tmp_path_factory) -> Path:
 
 
 def test_llama_zero3_learns_and_every_parameter_changes(llama_run):
-    check_loss_goes_down(llama_run)
+    check_loss_goes_down(llama_run, margin=0.05)
     check_every_parameter_changes(llama_run)
 
 
@@ -216,7 +219,7 @@ def gemma2_run(sample_dir, tmp_path_factory) -> Path:
 
 
 def test_gemma2_zero3_learns_partitioned_and_exports(gemma2_run, sample_dir):
-    check_loss_goes_down(gemma2_run)
+    check_loss_goes_down(gemma2_run, margin=0.001)
     check_partitioned(gemma2_run)
     check_every_parameter_changes(gemma2_run)
     meta = check_export_matches_training_model(gemma2_run, sample_dir / "train.csv")

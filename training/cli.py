@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=1, help="nodes for --plan (default 1)")
     # the `deepspeed` launcher appends --local_rank=N; the env var LOCAL_RANK carries the same value
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before, between or after the options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from .checkpoint import check_resumable, find_resume, load_checkpoint, save_checkpoint, write_atomic
 from .config import RunConfig, deepspeed_config, to_dict
@@ -51,7 +52,7 @@ def run(cfg: RunConfig) -> Path | None:
     out = Path(cfg.output_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.yaml", json.dumps(to_dict(cfg), indent=2))
+        write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))  # the resolved run config
     check_memory_plan(cfg, dist)
 
     # ---- data
