@@ -159,3 +159,11 @@ def test_cli_config_error_exit_code(capsys):
 
     assert main(["--config", str(TINY), "train.nope=1", "--local_rank=0"]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err
+
+
+def test_cli_overrides_may_surround_options():
+    from training.cli import parse_args
+
+    # the deepspeed launcher puts --local_rank=N before the script's own arguments
+    args = parse_args(["--local_rank=1", "--config", "x.yaml", "a.b=1", "--plan", "c=2", "--gpus", "4"])
+    assert (args.config, args.plan, args.gpus, args.overrides) == ("x.yaml", True, 4, ["a.b=1", "c=2"])
