@@ -46,8 +46,11 @@ def resolve_pooling(pooling: str, model_type: str) -> str:
     return "first" if model_type in ENCODER_TYPES else "last"
 
 
-def default_attn_implementation(model_type: str, device: str = "cpu") -> str:
-    """eager for Gemma2 (soft-capping), flash_attention_2 on CUDA when installed, sdpa otherwise."""
+def default_attn_implementation(model_type: str, device: str = "cpu") -> str | None:
+    """eager for Gemma2 (soft-capping), flash_attention_2 on CUDA when installed, sdpa otherwise; None for encoders
+    (transformers picks: DeBERTa-v2 refuses sdpa)."""
+    if model_type in ENCODER_TYPES:
+        return None
     if model_type in EAGER_ONLY and device == "cpu":
         return "eager"
     if device.startswith("cuda"):

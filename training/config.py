@@ -409,7 +409,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
     if m.dtype not in ("auto", "bfloat16", "float32"):
         raise err("model.dtype", f"must be auto, bfloat16 or float32, got {m.dtype!r}")
     mtype = model_type_of(cfg)
-    if mtype == "gemma2" and m.attn_implementation not in (None, "eager", "flash_attention_2"):
+    if mtype == "gemma2" and m.attn_implementation not in (None, "eager", "flash_attention_2", "arena_varlen"):
         raise err("model.attn_implementation", f"{m.attn_implementation} cannot apply Gemma2's attention soft-capping; "
                                                "use eager (or flash_attention_2 on GPU)")
     if m.attn_implementation == "flex_attention":
