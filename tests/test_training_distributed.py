@@ -83,7 +83,8 @@ def args_for(preset: Path, csv: Path, out: Path, *extra: str) -> list[str]:
 def check_loss_goes_down(run: Path, margin: float) -> None:
     """Mean loss of the last 10 of 30 steps below that of the first 10. On this data a from-scratch tiny model
     learns the planted signal after ~100 steps; within 30 it mostly sheds its random start (Llama: ~1.19 -> ~1.09;
-    Gemma2 with full swap, whose MLP head starts at ~ln 3: ~1.101 -> ~1.099)."""
+    Gemma2 with full swap, whose MLP head starts at ~ln 3: ~1.109 -> ~1.099; it learns the signal after ~70 steps,
+    val log loss 0.66 at step 150)."""
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     loss = [r["loss"] for r in rows]
