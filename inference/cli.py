@@ -2,7 +2,8 @@
 
 Exit status: 0 every row got the best treatment; 3 a valid submission was written but something was degraded
 (TTA dropped, max_length shortened, rows given the prior, a worker lost; the messages say which); 2 bad input or
-options (nothing scored; a prior-filled file may exist if the test file was readable); 1 an unexpected error.
+options, or no worker could load the model (nothing scored; a prior-filled file may exist if the test file was
+readable); 1 an unexpected error (the file holds the rows scored so far).
 """
 from __future__ import annotations
 
@@ -112,15 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from data.reading import DataError
     from inference.loading import ModelError
-    from inference.predict import EXIT_FAILED, EXIT_USAGE, predict
+    from inference.predict import EXIT_FAILED, EXIT_USAGE, InputError, predict
 
     try:
         cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"arena-predict: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         result = predict(cfg, t0=_T0)
     except DataError as e:
         print(f"arena-predict: cannot read the test file:\n{e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ModelError, ValueError, FileNotFoundError, ImportError) as e:
+    except (ModelError, InputError, FileNotFoundError, ImportError) as e:  # a later ValueError is a bug: exit 1
         print(f"arena-predict: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference.modeling import read_meta
+from inference.modeling import HEAD_FILE, HeadConfig, read_meta
 
 QUANTIZE = ("none", "8bit", "4bit")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
@@ -61,8 +61,17 @@ def check_export(model_dir: str | Path) -> dict[str, Any]:
     for key in ("format", "head"):
         if key not in meta:
             raise ModelError(f"{model_dir}/arena.json: key {key!r} is missing")
-    if not (model_dir / "arena_head.safetensors").exists():
-        raise ModelError(f"{model_dir}: arena_head.safetensors is missing")
+    if not (model_dir / HEAD_FILE).exists():
+        raise ModelError(f"{model_dir}: {HEAD_FILE} is missing")
+    try:
+        HeadConfig(**meta["head"])
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{model_dir}/arena.json: bad 'head' entry ({e})") from None
+    if not meta.get("adapter"):  # adapter exports take config and weights from their base (checked when resolved)
+        if not (model_dir / "config.json").exists():
+            raise ModelError(f"{model_dir}: config.json is missing")
+        if not any(p.name != HEAD_FILE for p in model_dir.glob("*.safetensors")):
+            raise ModelError(f"{model_dir}: no backbone weights (*.safetensors) found")
     t = meta.get("temperature", 1.0) or 1.0
     if not (isinstance(t, (int, float)) and t > 0):
         raise ModelError(f"{model_dir}/arena.json: temperature must be a positive number, got {t!r}")

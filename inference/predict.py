@@ -30,6 +30,10 @@ from inference.submission import ensemble, resolve_prior, softmax, tta_average, 
 log = logging.getLogger("arena.predict")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DEGRADED = 0, 1, 2, 3
+
+
+class InputError(ValueError):
+    """Options or devices every worker would fail on, found before any worker starts (exit status 2)."""
 FAILED, PENDING = -2, -1  # row states of a phase besides a mode index
 
 
@@ -191,8 +195,11 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     # 3. Workers start loading their models while this process tokenizes.
     from inference.pool import WorkerPool, parse_devices
 
-    devices = parse_devices(cfg.devices)
-    _preflight(cfg, devices)
+    try:
+        devices = parse_devices(cfg.devices)
+        _preflight(cfg, devices)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     batch_tokens = cfg.batch_tokens or (8192 if devices[0].startswith("cuda") else 4096)
     pool = WorkerPool(devices)
     pool.start()
@@ -218,6 +225,12 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
         messages += ["submission failed its check, wrote the prior for every row:", *problems]
     messages += _describe(phases, modes, ids, fallback)
     code = EXIT_DEGRADED if messages else EXIT_OK
+    if loop.ready == 0 and not loop.timed_out and fallback.all():
+        # No worker ever loaded a model: the export is broken (an input problem, like a bad path). A prior-only
+        # file is valid but worthless; exit 3 would let a notebook's "Save Version" pass with it, exit 2 stops it.
+        messages.insert(0, "no worker could load the model(s): every row got the prior; "
+                           + "; ".join(sorted(set(loop.errors.values())))[:2000])
+        code = EXIT_USAGE
     return PredictResult(Path(cfg.out), len(ids), code, messages, notes, time.monotonic() - t0, probs)
 
 
@@ -340,6 +353,7 @@ class _Loop:
         self.load_seconds: list[float] = []
         self.messages: list[str] = []
         self.errors: dict[int, str] = {}
+        self.ready = 0  # models loaded by any worker: zero at the end means the export itself is broken
         self.timed_out = False
         self.projection: float | None = None
 
@@ -435,6 +449,7 @@ class _Loop:
         kind, index = msg[0], msg[1]
         w = self.pool.workers[index]
         if kind == "ready":
+            self.ready += 1
             self.load_seconds.append(msg[3])
             log.info("worker %d (%s) loaded model %d in %.1fs", index, w.device, msg[2], msg[3])
         elif kind == "error":

@@ -239,3 +239,29 @@ def test_killing_the_main_process_leaves_a_valid_file(tiny_export_dir, sample_di
     assert validate_submission(out, ids) == []
     probs = read_sub(out)[1]
     assert not np.all(np.isclose(probs, [0.35, 0.35, 0.30]))  # the checkpoints hold scored rows
+
+
+def test_export_without_weights_is_refused_before_workers_start(tiny_export_dir, sample_dir, tmp_path, capsys):
+    import shutil
+
+    from inference.cli import main
+
+    broken = tmp_path / "export"
+    shutil.copytree(tiny_export_dir, broken)
+    (broken / "model.safetensors").unlink()
+    code = main(["--model", str(broken), "--test", str(sample_dir / "test.csv"), "--out", str(tmp_path / "s.csv")])
+    assert code == EXIT_USAGE and "no backbone weights" in capsys.readouterr().err
+
+
+def test_model_no_worker_can_load_fails_instead_of_a_silent_prior_file(tiny_export_dir, sample_dir, tmp_path):
+    """Corrupt weights pass the pre-flight check but kill every worker's load: exit 2 (bad input), never 'degraded'
+    (3), so a Kaggle notebook's Save Version stops instead of accepting a prior-only submission."""
+    import shutil
+
+    broken = tmp_path / "export"
+    shutil.copytree(tiny_export_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = predict(config(broken, sample_dir / "test.csv", tmp_path / "sub.csv", devices="cpu:2"))
+    assert result.exit_code == EXIT_USAGE
+    assert "no worker could load" in result.messages[0]
+    assert validate_submission(tmp_path / "sub.csv", test_ids(sample_dir / "test.csv")) == []
