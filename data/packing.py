@@ -350,6 +350,12 @@ def packed_attn_implementation(model_type: str, device: str = "cpu") -> str:
             return "flash_attention_2"
         except ImportError:
             pass
+    if device.startswith("cuda"):
+        import warnings
+
+        warnings.warn("packing on a GPU without flash-attention 2 (needs Ampere+ and pip install 'arena-pref[gpu]'): "
+                      "falling back to the exact but slow per-example CPU twin (arena_varlen); set "
+                      "model.attn_implementation=sdpa (eager for Gemma2) or data.packing=false", stacklevel=2)
     return register_varlen_attention()
 
 

@@ -1,6 +1,5 @@
 """Prompt-grouped stratified folds, and the on-disk tokenization cache."""
 import collections
-import time
 
 import numpy as np
 
@@ -46,18 +45,23 @@ def test_folds_on_real_sample():
     _check_folds(read_battles(REAL_TRAIN), 5)
 
 
-def test_tokenized_dataset_is_cached(sample_dir, tiny_tokenizer, tmp_path):
+def test_tokenized_dataset_is_cached(sample_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    import data.dataset
+
     fmt = FormatConfig(max_length=128)
-    t0 = time.perf_counter()
     ds = tokenized_dataset(sample_dir / "train.csv", tiny_tokenizer, fmt, cache_dir=tmp_path, progress=False)
-    first = time.perf_counter() - t0
     cached = list(tmp_path.iterdir())
     assert len(cached) == 1 and not cached[0].name.startswith(".")
-    ds2 = tokenized_dataset(sample_dir / "train.csv", tiny_tokenizer, fmt, cache_dir=tmp_path, progress=False)
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the second run must read the cache, not tokenize")
+
+    with monkeypatch.context() as m:
+        m.setattr(data.dataset, "build_records", no_tokenizing)
+        ds2 = tokenized_dataset(sample_dir / "train.csv", tiny_tokenizer, fmt, cache_dir=tmp_path, progress=False)
     assert ds2["input_ids"] == ds["input_ids"] and len(list(tmp_path.iterdir())) == 1
     assert set(ds.column_names) >= {"id", "input_ids", "swap_input_ids", "length", "label", "fold"}
     assert max(ds["length"]) <= 128 and set(ds["label"]) == {0, 1, 2}
     # a different max_length is a different cache entry
     tokenized_dataset(sample_dir / "train.csv", tiny_tokenizer, FormatConfig(max_length=100), cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.iterdir())) == 2
-    assert first >= 0

@@ -37,7 +37,6 @@ def test_sample_is_valid_and_kaggle_shaped(tmp_path):
     # the real data's quirks are present
     assert any(b.n_turns > 1 for b in battles.values())
     assert any("" in b.response_a + b.response_b for b in battles.values())
-    assert any("\ufffd" in "".join(b.prompt) for b in battles.values()) or True  # 1% rows: may be absent at 300
     assert any(any(ord(c) > 0x2000 for c in "".join(b.response_a)) for b in battles.values())
     counts = pd.Series([b.label for b in battles.values()]).value_counts(normalize=True)
     assert all(0.2 < counts[k] < 0.45 for k in (0, 1, 2))

@@ -49,9 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         plan = load_plan_module().plan_for_config(cfg, gpus_per_node=args.gpus, nodes=args.nodes)
         print(plan.render())
         return 0 if plan.fits else 1
+    from data.reading import DataError
+
     from .train import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except DataError as e:  # bad competition file: every problem names file, line, id and column
+        print(f"arena-train: cannot use the data:\n{e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ConfigError) as e:
+        print(f"arena-train: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

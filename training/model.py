@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 def train_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and exact-resume tests need fp32)."""
     if cfg.model.dtype == "auto":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            # pre-Ampere (T4, V100): bf16 is emulated or refused; fp32 is slow but exact, and says so
+            log.warning("%s has no native bf16: training in float32 (use an Ampere+ GPU for bf16)", device)
+            return torch.float32
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if cfg.model.dtype == "bfloat16" and device.type == "cpu":
         raise ValueError("model.dtype=bfloat16 is not supported for CPU training; use auto or float32")

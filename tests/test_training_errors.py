@@ -1,0 +1,32 @@
+"""arena-train reports bad input with a message naming the file / key, exit status 2, no traceback."""
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def _train(*args):
+    return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_malformed_yaml_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: x\nmodel: [1,\n")
+    r = _train("--config", str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{bad}: not valid YAML (line 3" in r.stderr
+
+
+def test_malformed_override_names_the_override():
+    r = _train("--config", "configs/tiny/llama_cpu.yaml", "train.lr=[1,")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "override 'train.lr=[1,'" in r.stderr
+
+
+def test_broken_train_csv_names_file_and_column(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text("id,prompt\n1,2\n")
+    r = _train("--config", "configs/tiny/llama_cpu.yaml", f"data.train_csv={csv}", f"output_dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{csv}: column response_a: missing column" in r.stderr
