@@ -144,12 +144,17 @@ class Phase:
             self.pos += n
         return rows
 
-    def probs(self, temperature: float) -> np.ndarray:
-        """(rows, 3) probabilities; NaN where this model has no prediction."""
-        p = softmax(self.logits, temperature)
-        ps = softmax(self.logits_swap, temperature)
-        have_swap = np.all(np.isfinite(ps), axis=1)
-        p[have_swap] = tta_average(p[have_swap], ps[have_swap])
+    def probs(self) -> np.ndarray:
+        """(rows, 3) probabilities; NaN where this model has no prediction.
+
+        Training fits one temperature for the TTA average (`temperature`) and one for a single view
+        (`temperature_no_tta`): averaging the two views already softens the probabilities.
+        """
+        t_tta = float(self.meta.get("temperature") or 1.0)
+        t_one = float(self.meta.get("temperature_no_tta") or t_tta)
+        p = softmax(self.logits, t_one)
+        have_swap = np.all(np.isfinite(self.logits_swap), axis=1)
+        p[have_swap] = tta_average(softmax(self.logits[have_swap], t_tta), softmax(self.logits_swap[have_swap], t_tta))
         return p
 
 
@@ -295,7 +300,7 @@ def _current_probs(phases: list[Phase], prior: np.ndarray) -> tuple[np.ndarray, 
     """(probabilities of every row, mask of rows no model predicted)."""
     if not phases:
         return None, None
-    per_model = [ph.probs(float(ph.meta.get("temperature") or 1.0)) for ph in phases]
+    per_model = [ph.probs() for ph in phases]
     probs = ensemble(per_model, [ph.weight for ph in phases], prior)
     nothing = ~np.any(np.stack([np.all(np.isfinite(p), axis=1) for p in per_model]), axis=0)
     return probs, nothing

@@ -286,3 +286,27 @@ def test_cli_regenerates_the_report(tmp_path, capsys):
     assert "2.500" in (tmp_path / "run" / "report" / "report.md").read_text()
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "missing")])
+
+
+def test_tta_temperature_fits_the_swap_average():
+    """Averaging the two views already softens: the TTA temperature is below the single-view one, and it minimises
+    the log loss of the TTA average that inference serves."""
+    from inference.submission import softmax, tta_average
+    from training.report import fit_temperature
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    true = rng.normal(size=(n, 3)) * 2.0
+    labels = np.array([rng.choice(3, p=p) for p in softmax(true)])
+    noise = rng.normal(size=(n, 3))
+    logits = 3.0 * (true + noise)  # over-confident views, each with its own noise
+    logits_swap = 3.0 * (true + rng.normal(size=(n, 3)))[:, [1, 0, 2]]
+    t_one = fit_temperature(logits, labels)
+    t_tta = fit_temperature(logits, labels, logits_swap=logits_swap)
+    assert t_tta < t_one
+
+    def tta_loss(t):
+        return log_loss(tta_average(softmax(logits, t), softmax(logits_swap, t)), labels)
+
+    assert tta_loss(t_tta) < tta_loss(t_one) - 1e-3
+    assert tta_loss(t_tta) <= min(tta_loss(t) for t in np.linspace(0.5, 6, 200)) + 1e-4

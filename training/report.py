@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data.scoring import log_loss
+from inference.submission import softmax, tta_average
 
 CLASS_NAMES = ("A", "B", "tie")
 UNIFORM_LOGLOSS = math.log(3)  # 1.0986: the score of predicting 1/3 everywhere
@@ -39,12 +40,6 @@ T_MIN, T_MAX = 0.05, 20.0
 # Pure numbers
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of logits / temperature in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -64,8 +59,17 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, tol: float = 1e-5) -> float:
+def _tta_nll(logits: np.ndarray, logits_swap: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    """Log loss of the A/B-swap TTA average of softmax(logits / T) and the swapped view mapped back."""
+    p = tta_average(softmax(logits, temperature), softmax(logits_swap, temperature))
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], 1e-300, None))))
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, tol: float = 1e-5, logits_swap=None) -> float:
     """The temperature T in [T_MIN, T_MAX] minimising the log loss of softmax(logits / T) on (logits, labels).
+
+    With `logits_swap` (the logits of the A/B-swapped inputs, in swapped class order) the loss is that of the TTA
+    average inference serves: averaging two views already softens the probabilities, so its T is smaller.
 
     The NLL is convex in 1/T (log-sum-exp of a linear function minus a linear function), hence unimodal in log T,
     so a golden-section search on log T finds the bounded optimum without gradients or a learning rate.
@@ -79,21 +83,28 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, tol: float = 1e-5) -
         raise ValueError(f"labels must be 0 (A), 1 (B) or 2 (tie), got values in [{y.min()}, {y.max()}]")
     if len(y) == 0 or not np.isfinite(z).all() or np.ptp(z, axis=1).max() == 0:
         return 1.0
+    if logits_swap is None:
+        nll = lambda t: _nll(z, y, t)  # noqa: E731
+    else:
+        zs = _numpy(logits_swap).astype(np.float64)
+        if zs.shape != z.shape or not np.isfinite(zs).all():
+            raise ValueError(f"logits_swap must be finite with the shape of logits {z.shape}, got {zs.shape}")
+        nll = lambda t: _tta_nll(z, zs, y, t)  # noqa: E731
     lo, hi = math.log(T_MIN), math.log(T_MAX)
     inv_phi = (math.sqrt(5) - 1) / 2
     a, b = lo + (1 - inv_phi) * (hi - lo), lo + inv_phi * (hi - lo)
-    fa, fb = _nll(z, y, math.exp(a)), _nll(z, y, math.exp(b))
+    fa, fb = nll(math.exp(a)), nll(math.exp(b))
     while hi - lo > tol:
         if fa <= fb:
             hi, b, fb = b, a, fa
             a = lo + (1 - inv_phi) * (hi - lo)
-            fa = _nll(z, y, math.exp(a))
+            fa = nll(math.exp(a))
         else:
             lo, a, fa = a, b, fb
             b = lo + inv_phi * (hi - lo)
-            fb = _nll(z, y, math.exp(b))
+            fb = nll(math.exp(b))
     t = math.exp((lo + hi) / 2)
-    return float(t) if _nll(z, y, t) < _nll(z, y, 1.0) else 1.0
+    return float(t) if nll(t) < nll(1.0) else 1.0
 
 
 @dataclass(frozen=True)

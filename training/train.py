@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from inference.submission import softmax, tta_average
+
 from .checkpoint import check_resumable, find_resume, load_checkpoint, save_checkpoint, write_atomic
 from .config import RunConfig, deepspeed_config, to_dict
 from .distributed import Dist, all_gather_objects, all_mean, setup_distributed
@@ -143,7 +145,8 @@ def run(cfg: RunConfig) -> Path | None:
         if splits.valid is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                          or step == total_steps):
             ev = evaluate(engine, splits.valid, cfg, tokenizer.pad_token_id, dist)
-            record.update(val_logloss=ev["val_logloss"], val_accuracy=ev["val_accuracy"])
+            record.update(val_logloss=ev["val_logloss"], val_accuracy=ev["val_accuracy"],
+                          val_logloss_no_tta=ev["val_logloss_no_tta"])
             if state["best_val"] is None or ev["val_logloss"] < state["best_val"]:
                 state["best_val"], state["best_step"] = ev["val_logloss"], step
                 if cfg.train.export == "best":
@@ -190,18 +193,20 @@ def evaluate(engine, ds, cfg: RunConfig, pad_id: int, dist: Dist) -> dict:
     idx, out = [], []
     with torch.no_grad():
         for b in batches:
-            batch = collate_padded(examples_of(ds, b, full_swap=False), pad_id)
+            # each row followed by its A/B swap: validation scores what inference serves (swap TTA)
+            batch = collate_padded(examples_of(ds, b, full_swap=True), pad_id)
             logits = engine(**forward_kwargs(to_device(batch, dist.device), packing=False, attn_implementation=""))
             idx += b
             out.append(logits.float().cpu().numpy())
     engine.train()
-    logits = np.full((len(ds), 3), np.nan)
+    logits, logits_swap = np.full((len(ds), 3), np.nan), np.full((len(ds), 3), np.nan)
     for i, lg in all_gather_objects((idx, np.concatenate(out)), dist):
-        logits[i] = lg  # the padding repeats of index 0 write identical values
+        logits[i], logits_swap[i] = lg[0::2], lg[1::2]  # the padding repeats of index 0 write identical values
     labels = np.asarray(ds["label"])
-    probs = _softmax(logits)
+    probs = tta_average(softmax(logits), softmax(logits_swap))
     return {"val_logloss": log_loss(probs, labels), "val_accuracy": accuracy(probs, labels),
-            "logits": logits, "probs": probs, "labels": labels, "ids": np.asarray(ds["id"])}
+            "val_logloss_no_tta": log_loss(softmax(logits), labels), "logits": logits, "logits_swap": logits_swap,
+            "probs": probs, "labels": labels, "ids": np.asarray(ds["id"])}
 
 
 def _export(module, cfg, tokenizer, dist, out_dir: Path, ev: dict | None, step: int, prior) -> None:
@@ -216,7 +221,7 @@ def _export(module, cfg, tokenizer, dist, out_dir: Path, ev: dict | None, step: 
 
 def save_predictions(path: Path, ev: dict) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **{k: ev[k] for k in ("probs", "labels", "logits", "ids")})
+    np.savez(tmp, **{k: ev[k] for k in ("probs", "labels", "logits", "logits_swap", "ids")})
     os.replace(tmp, path)
 
 
@@ -235,12 +240,16 @@ def finish_export(cfg: RunConfig, final: Path, preds: dict | None) -> None:
         if report is None:
             log.warning("training/report.py is missing: temperature scaling skipped (temperature stays 1.0)")
         else:
-            meta["temperature"] = float(report.fit_temperature(preds["logits"], preds["labels"]))
+            # one temperature for the TTA average (the default) and one for a single view (--no-tta)
+            meta["temperature"] = float(report.fit_temperature(preds["logits"], preds["labels"],
+                                                               logits_swap=preds["logits_swap"]))
+            meta["temperature_no_tta"] = float(report.fit_temperature(preds["logits"], preds["labels"]))
     save_meta(final, meta)
     if report is None:
         log.warning("training/report.py is missing: no report written")
     elif preds is not None:
-        report.write_report(out, temperature=meta["temperature"])  # the temperature that ships with the export
+        # the report's calibration plots are of single-view logits: their temperature is the --no-tta one
+        report.write_report(out, temperature=meta.get("temperature_no_tta", meta["temperature"]))
     log.info("exported %s (temperature %.3f)", final, meta["temperature"])
 
 
@@ -285,11 +294,6 @@ def _write_run_info(cfg, dist: Dist, model, splits, total_steps: int, steps_per_
                 "valid_rows": len(splits.valid) if splits.valid is not None else 0, "prior": splits.prior,
                 "params_per_rank": counts}
         write_atomic(Path(cfg.output_dir) / "run_info.json", json.dumps(info, indent=2))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = np.exp(x - x.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def _float(x) -> float | None:
