@@ -16,6 +16,7 @@ from pathlib import Path
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 LABEL_NAMES = ("A", "B", "tie")  # class index 0, 1, 2 everywhere in the project
+SWAP_CLASSES = (1, 0, 2)  # class i of a battle is class SWAP_CLASSES[i] of its A/B swap (a permutation, own inverse)
 
 
 class DataError(ValueError):
@@ -95,7 +96,7 @@ def parse_turns(cell: object) -> list[str]:
 
 def swap(b: Battle) -> Battle:
     """The same battle with A and B exchanged: responses, model names and label (tie stays tie)."""
-    label = {0: 1, 1: 0}.get(b.label, b.label)
+    label = None if b.label is None else SWAP_CLASSES[b.label]
     return replace(b, response_a=b.response_b, response_b=b.response_a, model_a=b.model_b, model_b=b.model_a, label=label)
 
 

@@ -13,10 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from data.reading import LABEL_COLUMNS
+from data.reading import LABEL_COLUMNS, SWAP_CLASSES
 
 HEADER = ("id", *LABEL_COLUMNS)
-SWAP = [1, 0, 2]  # A/B-swapped class order: P(A wins | swapped) is P(B wins | original); tie stays tie
+SWAP = list(SWAP_CLASSES)  # P(A wins | swapped) is P(B wins | original); tie stays tie
 
 
 def resolve_prior(priors: Sequence[Sequence[float] | None], weights: Sequence[float] | None = None) -> np.ndarray:

@@ -12,12 +12,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from data.reading import SWAP_CLASSES
+
 from .config import RunConfig
 from .distributed import Dist
 
 log = logging.getLogger(__name__)
 
-SWAP_LABEL = (1, 0, 2)  # label of the A/B-swapped battle: A wins <-> B wins, tie stays
+SWAP_LABEL = SWAP_CLASSES  # label of the A/B-swapped battle: A wins <-> B wins, tie stays
 
 
 def prepare_tokenizer(cfg: RunConfig, dist: Dist):

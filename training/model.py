@@ -97,14 +97,13 @@ def build_backbone(cfg: RunConfig, hf_cfg, dtype: torch.dtype, device: torch.dev
 
 
 def _bnb_4bit(dtype: torch.dtype):
+    """QLoRA's base: NF4 with double quantization, the same config inference loads 4-bit models with."""
+    from inference.loading import quantization_config
+
     try:
-        import bitsandbytes  # noqa: F401
+        return quantization_config("4bit", dtype)
     except ImportError:
         raise ImportError("lora.qlora needs bitsandbytes: pip install 'arena-pref[gpu]'") from None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
 
 
 def add_lora(cfg: RunConfig, backbone):
