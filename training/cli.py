@@ -14,17 +14,6 @@ import sys
 from .config import ConfigError, load_config
 
 
-def load_plan_module():
-    """training/plan.py (the memory planner), with a clear error while it does not exist."""
-    try:
-        from . import plan
-    except ImportError as e:
-        if getattr(e, "name", "") != f"{__package__}.plan":
-            raise
-        raise SystemExit("the memory planner (training/plan.py) is not installed in this checkout") from None
-    return plan
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="arena-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"arena-train: config error: {e}", file=sys.stderr)
         return 2
     if args.plan:
-        plan = load_plan_module().plan_for_config(cfg, gpus_per_node=args.gpus, nodes=args.nodes)
+        from .plan import plan_for_config
+
+        plan = plan_for_config(cfg, gpus_per_node=args.gpus, nodes=args.nodes)
         print(plan.render())
         return 0 if plan.fits else 1
     from data.reading import DataError

@@ -72,11 +72,3 @@ def all_gather_objects(obj, dist: Dist) -> list:
     out = [None] * dist.world_size
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj, dist: Dist):
-    if dist.world_size == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

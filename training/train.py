@@ -30,6 +30,7 @@ from inference.submission import softmax, tta_average
 from .checkpoint import check_resumable, find_resume, load_checkpoint, save_checkpoint, write_atomic
 from .config import RunConfig, deepspeed_config, to_dict
 from .distributed import Dist, all_gather_objects, all_mean, setup_distributed
+from . import report
 from .export import export_model
 from .inputs import (eval_shard, examples_of, forward_kwargs, load_splits, make_collate, make_sampler, micro_batches,
                      prepare_tokenizer, to_device)
@@ -235,46 +236,30 @@ def finish_export(cfg: RunConfig, final: Path, preds: dict | None) -> None:
         meta["base_model"] = str((final / "base").resolve())
     if preds is not None:
         save_predictions(out / PREDICTIONS_FILE, preds)
-    report = _optional_report()
     if preds is not None and cfg.train.temperature_scaling:
-        if report is None:
-            log.warning("training/report.py is missing: temperature scaling skipped (temperature stays 1.0)")
-        else:
-            # one temperature for the TTA average (the default) and one for a single view (--no-tta)
-            meta["temperature"] = float(report.fit_temperature(preds["logits"], preds["labels"],
-                                                               logits_swap=preds["logits_swap"]))
-            meta["temperature_no_tta"] = float(report.fit_temperature(preds["logits"], preds["labels"]))
+        # one temperature for the TTA average (the default) and one for a single view (--no-tta)
+        meta["temperature"] = float(report.fit_temperature(preds["logits"], preds["labels"],
+                                                           logits_swap=preds["logits_swap"]))
+        meta["temperature_no_tta"] = float(report.fit_temperature(preds["logits"], preds["labels"]))
     save_meta(final, meta)
-    if report is None:
-        log.warning("training/report.py is missing: no report written")
-    elif preds is not None:
+    if preds is not None:
         # the report's calibration plots are of single-view logits: their temperature is the --no-tta one
         report.write_report(out, temperature=meta.get("temperature_no_tta", meta["temperature"]))
     log.info("exported %s (temperature %.3f)", final, meta["temperature"])
-
-
-def _optional_report():
-    try:
-        from . import report
-    except ImportError as e:
-        if getattr(e, "name", "") != f"{__package__}.report":
-            raise
-        return None
-    return report
 
 
 def check_memory_plan(cfg: RunConfig, dist: Dist) -> None:
     """On GPU, refuse to start a run whose per-GPU memory plan does not fit (hardware.check_memory=false skips)."""
     if dist.device.type != "cuda" or not cfg.hardware.check_memory:
         return
-    from .cli import load_plan_module
+    from .plan import PlanError, plan_for_config
 
     gpus = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 0) or torch.cuda.device_count()))
-    plan = load_plan_module().plan_for_config(cfg, gpus_per_node=gpus, nodes=max(1, dist.world_size // gpus))
-    if not plan.fits:
-        raise SystemExit("the memory plan does not fit, refusing to start:\n" + plan.render() + "\n"
-                         + "\n".join(f"  - {a}" for a in plan.advice)
-                         + "\n(hardware.check_memory=false starts anyway)")
+    try:
+        plan_for_config(cfg, gpus_per_node=gpus, nodes=max(1, dist.world_size // gpus)).require_fit()
+    except PlanError as e:  # render() already lists the advice
+        raise SystemExit(f"the memory plan does not fit, refusing to start: {e}\n"
+                         "(hardware.check_memory=false starts anyway)") from None
 
 
 def _forget_best_after(out: Path, state: dict) -> None:
