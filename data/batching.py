@@ -87,12 +87,17 @@ def collate_padded(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Ten
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
-        mask[i, :n] = 1
+    ids, mask = pad_right([e["input_ids"] for e in examples], pad_id)
     labels = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of shape (B, longest), right-padded; shared by training and inference."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask

@@ -44,15 +44,9 @@ def _oom_error():
 
 def pad_batch(seqs: list[np.ndarray], pad_id: int):
     """Right-padded (input_ids, attention_mask) tensors; the classifier pools each row's last real token."""
-    import torch
+    from data.batching import pad_right
 
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+    return pad_right(seqs, pad_id)
 
 
 class Runner:

@@ -58,10 +58,9 @@ def load_splits(cfg: RunConfig, tokenizer, dist: Dist) -> Splits:
 
     def load(path):
         kw = dict(num_folds=d.num_folds, seed=d.fold_seed, cache_dir=d.cache_dir)
-        if dist.is_main:
-            tokenized_dataset(path, tokenizer, d.format, progress=True, **kw)
+        ds = tokenized_dataset(path, tokenizer, d.format, progress=True, **kw) if dist.is_main else None
         dist.barrier()  # the others read rank 0's cache
-        return tokenized_dataset(path, tokenizer, d.format, progress=False, **kw)
+        return ds if ds is not None else tokenized_dataset(path, tokenizer, d.format, progress=False, **kw)
 
     full = load(d.train_csv)
     labels = np.asarray(full["label"])
@@ -83,12 +82,12 @@ def load_splits(cfg: RunConfig, tokenizer, dist: Dist) -> Splits:
 
 def examples_of(ds, indices: list[int], full_swap: bool) -> list[dict]:
     """Collator inputs for dataset rows; with full swap each row is followed by its A/B-swapped twin."""
-    cols = ds[indices]
+    cols = ds.select_columns(["input_ids", "label"] + (["swap_input_ids"] if full_swap else []))[indices]
     out = []
-    for ids, swap_ids, y in zip(cols["input_ids"], cols["swap_input_ids"], cols["label"]):
+    for k, (ids, y) in enumerate(zip(cols["input_ids"], cols["label"])):
         out.append({"input_ids": ids, "label": int(y)})
-        if full_swap:
-            out.append({"input_ids": swap_ids, "label": SWAP_LABEL[int(y)]})
+        if full_swap:  # the swapped rendering is read only when it is used
+            out.append({"input_ids": cols["swap_input_ids"][k], "label": SWAP_LABEL[int(y)]})
     return out
 
 
