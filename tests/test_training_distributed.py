@@ -229,6 +229,28 @@ def test_gemma2_zero3_learns_partitioned_and_exports(gemma2_run, sample_dir):
     assert metrics(gemma2_run)[0]["rows"] == 2 * 2 * 2 * 2
 
 
+# ---------------------------------------------------------------------------------------------------- no oneDNN fp16
+
+
+def test_zero3_on_a_cpu_without_fp16_keeps_the_configured_dtype(sample_dir, tmp_path):
+    """Regression (issue 10): on CPUs whose oneDNN has no fp16 (AMD EPYC without avx512_fp16) DeepSpeed 0.19.8
+    zero.Init ignored dtype=float32 and built the head in bf16, so deepspeed.initialize failed in defragment
+    (mixed dtypes). The capability is forced off here, so the test means the same on every CPU."""
+    out = tmp_path / "run"
+    helper = ROOT / "tests" / "helpers" / "without_fp16.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(),
+           str(helper), "training", *args_for(LLAMA, sample_dir / "train.csv", out)[:4],
+           "train.max_steps=2", "train.eval_every=2", "train.save_every=2"]
+    launch(cmd)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["zero_stage"] == 3
+    assert [r["dtypes"] for r in info["params_per_rank"]] == [["float32"], ["float32"]]
+    from safetensors.torch import load_file
+
+    for f in ("model.safetensors", "arena_head.safetensors"):
+        assert {t.dtype for t in load_file(str(out / "final" / f)).values()} == {torch.float32}, f
+
+
 # ---------------------------------------------------------------------------------------------------- LoRA, NaN
 
 

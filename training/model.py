@@ -138,7 +138,13 @@ def build_model(cfg: RunConfig, tokenizer, hf_cfg, ds_config: dict, device: torc
     if stage3:
         import deepspeed
 
-        init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+        # No dtype= here: zero.Init then takes the dtype from ds_config's bf16/fp16 flags, which deepspeed_config
+        # derived from train_dtype (the one place that decides). DeepSpeed 0.19.8 ignores an explicit dtype= on
+        # accelerators without fp16 (a CPU whose oneDNN lacks it) and uses bf16, mixing dtypes with the backbone.
+        if zero_init_dtype(ds_config) != dtype:
+            raise RuntimeError(f"DeepSpeed config would create parameters in {zero_init_dtype(ds_config)}, the run "
+                               f"trains in {dtype}: build ds_config with deepspeed_config(..., bf16=...) from train_dtype")
+        init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config)
     else:
         init_ctx = nullcontext()
     with init_ctx:  # the head is created partitioned too
@@ -148,7 +154,33 @@ def build_model(cfg: RunConfig, tokenizer, hf_cfg, ds_config: dict, device: torc
     with gathered(list(model.head.parameters()), modifier_rank=0):
         # rank 0's values are broadcast when the context exits, so every rank starts from the same head
         model.reset_head()
+    check_param_dtypes(model, dtype, skip_quantized=cfg.lora.qlora)
     return model
+
+
+def zero_init_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype deepspeed.zero.Init creates parameters in when it is given the config and no dtype."""
+    if (ds_config.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def check_param_dtypes(model, dtype: torch.dtype, skip_quantized: bool = False) -> None:
+    """Every floating parameter in the training dtype: a mixed model fails later, deep inside deepspeed.initialize
+    (an AssertionError in defragment), so fail here with the parameters' names."""
+    wrong = {}
+    for name, p in model.named_parameters():
+        if not p.is_floating_point() or p.dtype == dtype:
+            continue
+        if skip_quantized and not p.requires_grad:  # QLoRA: the frozen base is stored quantized / in compute dtype
+            continue
+        wrong.setdefault(str(p.dtype), []).append(name)
+    if wrong:
+        listed = "; ".join(f"{d}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})"
+                           for d, names in wrong.items())
+        raise RuntimeError(f"parameters are not in the training dtype {dtype}: {listed}")
 
 
 def gathered(params, modifier_rank=None):
@@ -203,12 +235,15 @@ def make_scheduler(cfg: RunConfig, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, t.min_lr_ratio))
 
 
-def count_params(model) -> dict[str, int]:
-    """Full and local (this rank's partition) element counts, and trainable elements: evidence of ZeRO-3 sharding."""
+def count_params(model) -> dict:
+    """Full and local (this rank's partition) element counts, trainable elements (evidence of ZeRO-3 sharding) and
+    the parameters' dtypes."""
     full = local = trainable = 0
+    dtypes = set()
     for p in model.parameters():
         n = getattr(p, "ds_numel", p.numel())
         full += n
         local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
         trainable += n if p.requires_grad else 0
-    return {"full_numel": full, "local_numel": local, "trainable_numel": trainable}
+        dtypes.add(str(p.dtype).removeprefix("torch."))
+    return {"full_numel": full, "local_numel": local, "trainable_numel": trainable, "dtypes": sorted(dtypes)}
