@@ -4,11 +4,13 @@ The base install is what the offline Kaggle inference kernel needs; training, GP
 """
 from setuptools import find_packages, setup
 
-# Versions checked on the CPU machines (see README "Versions"); the Dockerfile pins the same ones (tested).
+# Ranges of what the code supports; constraints.txt locks the exact versions the CPU tests run with (CI and the
+# quickstart install through it; refresh with launch/lock.sh). Lower bounds of the ML stack are the versions tested
+# (the code uses transformers 5 / peft APIs that older releases lack); the Dockerfile pins the same (tested).
 BASE = [
-    "torch>=2.4",
-    "transformers>=5.0,<6",
-    "peft>=0.13",
+    "torch>=2.4",  # Kaggle's image brings its own CUDA torch
+    "transformers>=5.23,<6",
+    "peft>=0.21",
     "pandas>=2.0",
     "numpy>=1.26",
     "tqdm>=4.66",
@@ -16,7 +18,10 @@ BASE = [
     "pyyaml>=6.0",
 ]
 EXTRAS = {
-    "train": ["deepspeed>=0.15", "accelerate>=1.0", "datasets>=3.0", "wandb>=0.18", "tokenizers>=0.20", "matplotlib>=3.8"],
+    # deepspeed>=0.19.8: LoRA + ZeRO-3 + non-reentrant gradient checkpointing crashes in backward before it
+    # (CheckpointError: Recomputed values ... shape [1024] vs [0], transformers issue 47254)
+    "train": ["deepspeed>=0.19.8", "accelerate>=1.15", "datasets>=5.0", "wandb>=0.18", "tokenizers>=0.23",
+              "matplotlib>=3.8"],
     "gpu": ["flash-attn>=2.6", "bitsandbytes>=0.45"],
     "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.4", "tiktoken>=0.7", "bitsandbytes>=0.45"],
 }

@@ -25,7 +25,7 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
   source "$VENV/bin/activate"
   python -m pip install -q --upgrade pip
   pip install -q torch==2.13.0   # the CPU wheel; an unpinned torch would pull a multi-GB CUDA build
-  pip install -q -e ".[train]"
+  pip install -q -c constraints.txt -e ".[train]"   # the locked versions CI tests (launch/lock.sh refreshes)
 fi
 
 # Two processes share two cores: one OpenMP thread each is ~30% faster than oversubscribing.
