@@ -41,7 +41,7 @@ nodes=1
 while [[ $1 == --* ]]; do
   case $1 in
     --nodes) nodes=$2; shift 2 ;;
-    --ntasks-per-node) shift 2 ;;
+    --ntasks-per-node | --cpus-per-task) shift 2 ;;
     *) shift ;;
   esac
 done
@@ -204,12 +204,14 @@ def test_multinode_dry_run_and_forwarded_environment(tmp_path, fakes):
 def test_slurm_torchrun_command(fakes):
     env, calls = fakes
     slurm = dict(SLURM_JOB_NODELIST="gpu[01-02],big[7,9-10]", SLURM_GPUS_PER_NODE="a100:8", SLURM_JOB_ID="42",
-                 SLURM_SUBMIT_DIR=str(ROOT))
+                 SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_PER_TASK="32")
     r = run(SLURM, CONFIG, "train.max_steps=3", env=env, DRY_RUN="1", **slurm)
     assert r.returncode == 0, r.stderr
     assert "gpu01 gpu02 big7 big9 big10" in r.stdout  # nodelist expanded (scontrol's rules)
     cmd = shlex.split(r.stdout.strip().splitlines()[-1])
-    assert cmd[:cmd.index("torchrun")] == ["srun", "--nodes", "5", "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
+    # srun does not inherit sbatch's --cpus-per-task since Slurm 22.05: it is passed explicitly
+    assert cmd[:cmd.index("torchrun")] == ["srun", "--nodes", "5", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+                                           "--cpus-per-task", "32"]
     assert cmd[cmd.index("torchrun"):] == [
         "torchrun", "--nnodes", "5", "--nproc-per-node", "8", "--rdzv-id", "42", "--rdzv-backend", "c10d",
         "--rdzv-endpoint", "gpu01:29500", "-m", "training", "--config", CONFIG, "train.max_steps=3"]
@@ -237,6 +239,17 @@ def test_slurm_deepspeed_generates_a_hostfile(tmp_path, fakes):
                                 "data.train_csv=/d/a b.csv"]
         assert call["files"]["--hostfile"] == "gpu01 slots=4\ngpu02 slots=4\n"
     assert len(calls()) == 2 and not Path(hostfile).exists()  # removed when the job ends
+
+
+def test_slurm_without_cpus_per_task_warns(fakes):
+    env, _ = fakes
+    r = run(SLURM, CONFIG, env=env, DRY_RUN="1", SLURM_JOB_NODELIST="gpu01", SLURM_GPUS_ON_NODE="8",
+            SLURM_SUBMIT_DIR=str(ROOT))
+    assert r.returncode == 0 and "SLURM_CPUS_PER_TASK is unset" in r.stderr
+    assert "--cpus-per-task" not in r.stdout
+    r = run(SLURM, CONFIG, env=env, DRY_RUN="1", SLURM_JOB_NODELIST="gpu01", SLURM_GPUS_ON_NODE="8",
+            SLURM_SUBMIT_DIR=str(ROOT), SLURM_CPUS_PER_TASK="x")
+    assert r.returncode == 2 and "SLURM_CPUS_PER_TASK" in r.stderr
 
 
 def test_slurm_outside_an_allocation_says_so(fakes):
