@@ -78,6 +78,14 @@ def check_export(model_dir: str | Path) -> dict[str, Any]:
     return meta
 
 
+def has_native_bf16(device) -> bool:
+    """bf16 in hardware: CUDA compute capability >= 8 (Ampere+). torch.cuda.is_bf16_supported() also counts
+    emulation, so it says True on a T4 or V100, where bf16 is slow."""
+    import torch
+
+    return str(device).startswith("cuda") and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def torch_dtype(name: str, device: str):
     """The compute dtype: 'auto' is fp16 on CUDA and fp32 on the CPU. bf16 on a pre-Ampere GPU is refused."""
     import torch
@@ -86,7 +94,7 @@ def torch_dtype(name: str, device: str):
         raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
     if name == "auto":
         name = "fp16" if device.startswith("cuda") else "fp32"
-    if name == "bf16" and device.startswith("cuda") and torch.cuda.get_device_capability(device)[0] < 8:
+    if name == "bf16" and device.startswith("cuda") and not has_native_bf16(device):
         raise ValueError(f"{device} has no native bf16 (compute capability < 8, e.g. a T4): use --dtype fp16")
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 

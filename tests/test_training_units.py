@@ -186,3 +186,28 @@ def test_refuses_to_start_when_the_memory_plan_does_not_fit(monkeypatch):
                                   check_files=False), gpu)
     cpu = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     check_memory_plan(small, cpu)  # the plan is about GPU memory: CPU runs are not checked
+
+
+# ------------------------------------------------------------------------------------------------ training dtype
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float32), ((7, 0), torch.float32),
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_train_dtype_counts_only_native_bf16(monkeypatch, capability, dtype):
+    """T4 (7.5) and V100 (7.0) "support" bf16 by emulation (torch.cuda.is_bf16_supported() is True there): auto
+    must still fall back to fp32, and an explicit bfloat16 is refused."""
+    from training.config import load_config
+    from training.model import train_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    preset = "configs/tiny/llama_cpu.yaml"
+    cuda = torch.device("cuda", 0)
+    assert train_dtype(load_config(preset, [], check_files=False), cuda) == dtype
+    explicit = load_config(preset, ["model.dtype=bfloat16"], check_files=False)
+    if dtype == torch.bfloat16:
+        assert train_dtype(explicit, cuda) == torch.bfloat16
+    else:
+        with pytest.raises(ValueError, match="no native bf16"):
+            train_dtype(explicit, cuda)
+    assert train_dtype(load_config(preset, [], check_files=False), torch.device("cpu")) == torch.float32

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
+from inference.loading import has_native_bf16
 from inference.modeling import ArenaClassifier, default_attn_implementation
 
 from .config import RunConfig, model_type_of
@@ -20,15 +21,21 @@ log = logging.getLogger(__name__)
 
 
 def train_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and exact-resume tests need fp32)."""
+    """The one place that decides the training dtype (the DeepSpeed config and zero.Init follow it): bf16 on GPUs
+    with native bf16, fp32 elsewhere (CPU bf16 matmuls are slow and exact-resume tests need fp32)."""
+    native = device.type == "cuda" and has_native_bf16(device)
     if cfg.model.dtype == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            # pre-Ampere (T4, V100): bf16 is emulated or refused; fp32 is slow but exact, and says so
+        if device.type == "cuda" and not native:
+            # pre-Ampere (T4, V100): bf16 is only emulated (torch.cuda.is_bf16_supported() still says True);
+            # fp32 is slow but exact, and says so
             log.warning("%s has no native bf16: training in float32 (use an Ampere+ GPU for bf16)", device)
             return torch.float32
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if native else torch.float32
     if cfg.model.dtype == "bfloat16" and device.type == "cpu":
         raise ValueError("model.dtype=bfloat16 is not supported for CPU training; use auto or float32")
+    if cfg.model.dtype == "bfloat16" and not native:
+        raise ValueError(f"model.dtype=bfloat16: {device} has no native bf16 (compute capability < 8, e.g. T4 or "
+                         "V100); use auto (float32 there) or an Ampere+ GPU")
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.model.dtype]
 
 
