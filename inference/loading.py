@@ -118,19 +118,25 @@ def quantization_config(quantize: str, compute_dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def placement_kwargs(device: str, quantization=None) -> dict[str, Any]:
+    """from_pretrained arguments that put the weights straight on the worker's device: without a device_map
+    transformers builds the whole model in host RAM first (two workers x 18.5 GB for a 9B model in fp16), and
+    bitsandbytes quantizes at load time on the device it is given."""
+    kwargs: dict[str, Any] = {"device_map": {"": device}}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    return kwargs
+
+
 def load_model(spec: LoadSpec, device: str):
     """(ArenaClassifier in eval mode on `device`, meta). LoRA adapters are merged unless the base is quantized."""
     from inference.modeling import load_pretrained
 
     dtype = torch_dtype(spec.dtype, device)
-    kwargs: dict[str, Any] = {}
     qc = quantization_config(spec.quantize, dtype)
-    if qc is not None:
-        kwargs["quantization_config"] = qc
-        # bitsandbytes places weights at load time; the whole model goes to this worker's device
-        kwargs["device_map"] = {"": device}
     model, meta = load_pretrained(spec.model_dir, dtype=dtype, device=device,
-                                  attn_implementation=spec.attn_implementation, base_model=spec.base_model, **kwargs)
+                                  attn_implementation=spec.attn_implementation, base_model=spec.base_model,
+                                  **placement_kwargs(device, qc))
     if meta.get("adapter") and qc is None and hasattr(model.backbone, "merge_and_unload"):
         model.backbone = model.backbone.merge_and_unload()  # one matmul per layer instead of base + LoRA path
     return model.eval(), meta

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import queue
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -43,6 +44,38 @@ def parse_devices(text: str) -> list[str]:
     return out
 
 
+def worker_visibility(device: str, parent_visible: str | None) -> tuple[str | None, str]:
+    """(CUDA_VISIBLE_DEVICES for the worker, the device name inside it). A GPU worker sees only its own GPU, as
+    cuda:0: with torch.cuda.set_device alone, any library call that touches device 0 (bitsandbytes, a stray
+    .cuda()) would open a second CUDA context (300-500 MB) on GPU 0. Indices are relative to the parent's own
+    CUDA_VISIBLE_DEVICES, if it has one. CPU workers see no GPU at all (None leaves the variable as it is)."""
+    if not device.startswith("cuda"):
+        return None, device
+    index = int(device.partition(":")[2] or 0)
+    ordinals = [x.strip() for x in parent_visible.split(",") if x.strip()] if parent_visible else None
+    if ordinals is not None:
+        if index >= len(ordinals):
+            raise ValueError(f"{device}: CUDA_VISIBLE_DEVICES={parent_visible} makes only {len(ordinals)} visible")
+        return ordinals[index], "cuda:0"
+    return str(index), "cuda:0"
+
+
+@contextmanager
+def _environ(name: str, value: str | None):
+    if value is None:
+        yield
+        return
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 @dataclass
 class WorkerHandle:
     index: int
@@ -66,16 +99,20 @@ class WorkerPool:
         self.outbox = self.ctx.Queue()
         self.workers: list[WorkerHandle] = []
 
-    def start(self) -> None:
-        from inference.worker import worker_main
+    def start(self, target=None) -> None:
+        """One process per device; `target` replaces inference.worker.worker_main (tests)."""
+        if target is None:
+            from inference.worker import worker_main as target
 
         n_cpu = sum(d == "cpu" for d in self.devices)
         threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else 0
         for i, dev in enumerate(self.devices):
             inbox = self.ctx.Queue()
-            p = self.ctx.Process(target=worker_main, args=(i, dev, threads, inbox, self.outbox), daemon=True,
+            visible, local = worker_visibility(dev, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            p = self.ctx.Process(target=target, args=(i, local, threads, inbox, self.outbox), daemon=True,
                                  name=f"arena-worker-{i}")
-            p.start()
+            with _environ("CUDA_VISIBLE_DEVICES", visible):  # a spawned child copies the environment at start
+                p.start()
             self.workers.append(WorkerHandle(i, dev, p, inbox))
 
     def alive(self) -> list[WorkerHandle]:

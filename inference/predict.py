@@ -216,6 +216,9 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
         loop = _Loop(cfg, pool, phases, modes, ids, prior, batch_tokens, hard_stop, t0)
         loop.run()
         messages += loop.messages
+        if loop.fp32_reruns:
+            messages.append(f"{loop.fp32_reruns} sequence(s) overflowed in half precision (non-finite logits) and "
+                            "were re-run in fp32 compute: same quality, slower; --dtype fp32 avoids it")
     except BaseException:
         pool.shutdown(wait=0.0)
         _write_current(cfg.out, ids, phases, prior)
@@ -359,6 +362,7 @@ class _Loop:
         self.messages: list[str] = []
         self.errors: dict[int, str] = {}
         self.ready = 0  # models loaded by any worker: zero at the end means the export itself is broken
+        self.fp32_reruns = 0  # rows (views) whose half-precision logits overflowed and were re-run in fp32
         self.timed_out = False
         self.projection: float | None = None
 
@@ -461,7 +465,7 @@ class _Loop:
             self.errors[index] = msg[2]
             log.error("%s", msg[2])
         elif kind == "result":
-            _, _, bid, logits, seconds, ooms = msg
+            _, _, bid, logits, seconds, ooms, reruns = msg
             b = self.inflight.pop(bid, None)
             if bid in w.outstanding:
                 w.outstanding.remove(bid)
@@ -470,6 +474,10 @@ class _Loop:
                 return  # answered after its worker was given up on: already re-queued
             if ooms:
                 log.warning("worker %d: out of memory %d time(s); batch halved and retried", index, ooms)
+            if reruns:
+                self.fp32_reruns += reruns
+                log.warning("worker %d: %d sequence(s) gave non-finite fp16 logits (overflow); re-run in fp32 "
+                            "(%d so far)", index, reruns, self.fp32_reruns)
             self._store(b, logits)
             (self.speed if (index, b.phase) in self.warm else self.first)[index].add(b.cost, seconds)
             self.warm.add((index, b.phase))

@@ -57,6 +57,7 @@ class Runner:
         self.device = device
         self.oom_above = oom_above  # debug: simulate a memory limit in padded tokens
         self.ooms = 0
+        self.fp32_reruns = 0  # rows whose half-precision logits were non-finite, re-run in fp32
 
     def forward(self, seqs: list[np.ndarray], pad_id: int) -> np.ndarray:
         import torch
@@ -69,7 +70,22 @@ class Runner:
         return logits.float().cpu().numpy()
 
     def run(self, seqs: list[np.ndarray], pad_id: int) -> np.ndarray:
-        """Logits (n, 3) float32. A single sequence that still runs out of memory gets NaN (main uses fallbacks)."""
+        """Logits (n, 3) float32. Rows whose fp16/bf16 logits are not finite (an activation overflowed) are re-run
+        one by one in fp32 compute (inference.upcast). A single sequence that still runs out of memory gets NaN
+        (main uses fallbacks)."""
+        logits = self._run(seqs, pad_id)
+        bad = np.flatnonzero(~np.all(np.isfinite(logits), axis=1))
+        if len(bad):
+            from inference.upcast import fp32_compute, runs_in_half
+
+            if runs_in_half(self.model):
+                with fp32_compute(self.model):
+                    for i in bad:
+                        logits[i] = self._run([seqs[i]], pad_id)[0]
+                self.fp32_reruns += len(bad)
+        return logits
+
+    def _run(self, seqs: list[np.ndarray], pad_id: int) -> np.ndarray:
         import torch
 
         try:
@@ -81,7 +97,7 @@ class Runner:
             if len(seqs) == 1:
                 return np.full((1, 3), np.nan, dtype=np.float32)
             half = len(seqs) // 2
-            return np.concatenate([self.run(seqs[:half], pad_id), self.run(seqs[half:], pad_id)])
+            return np.concatenate([self._run(seqs[:half], pad_id), self._run(seqs[half:], pad_id)])
 
 
 def _empty_cache(device: str) -> None:
@@ -108,7 +124,7 @@ def _setup_device(device: str, threads: int) -> None:
 def worker_main(index: int, device: str, threads: int, inbox, outbox) -> None:
     """Process entry point. Messages in: ("load", model_idx, LoadSpec dict), ("batch", batch_id, model_idx, seqs,
     pad_id), ("stop",). Messages out: ("ready", index, model_idx, load_seconds), ("result", index, batch_id, logits,
-    seconds, ooms), ("error", index, text)."""
+    seconds, ooms, fp32_reruns), ("error", index, text)."""
     warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     debug = _debug_settings(index)
@@ -146,11 +162,12 @@ def worker_main(index: int, device: str, threads: int, inbox, outbox) -> None:
             if model_idx != current:
                 raise RuntimeError(f"batch for model {model_idx} but model {current} is loaded")
             t0 = time.perf_counter()
-            ooms = runner.ooms
+            ooms, reruns = runner.ooms, runner.fp32_reruns
             logits = runner.run(seqs, pad_id)
             if debug["sleep"]:
                 time.sleep(debug["sleep"])
-            outbox.put(("result", index, batch_id, logits, time.perf_counter() - t0, runner.ooms - ooms))
+            outbox.put(("result", index, batch_id, logits, time.perf_counter() - t0, runner.ooms - ooms,
+                        runner.fp32_reruns - reruns))
             done += 1
             if debug["exit_after"] is not None and done >= debug["exit_after"]:
                 outbox.close()

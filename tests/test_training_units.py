@@ -211,3 +211,15 @@ def test_train_dtype_counts_only_native_bf16(monkeypatch, capability, dtype):
         with pytest.raises(ValueError, match="no native bf16"):
             train_dtype(explicit, cuda)
     assert train_dtype(load_config(preset, [], check_files=False), torch.device("cpu")) == torch.float32
+
+
+def test_pretrained_weights_load_onto_the_rank_device_unless_zero3_partitions_them():
+    from training.config import load_config
+    from training.model import pretrained_placement
+
+    preset = "configs/tiny/llama_cpu.yaml"
+    zero3 = load_config(preset, [], check_files=False)
+    zero2 = load_config(preset, ["deepspeed.config=configs/deepspeed/zero2.json"], check_files=False)
+    rank3 = torch.device("cuda", 3)
+    assert pretrained_placement(zero3, torch.bfloat16, rank3) == {}  # HfDeepSpeedConfig partitions while loading
+    assert pretrained_placement(zero2, torch.bfloat16, rank3) == {"device_map": {"": "cuda:3"}}

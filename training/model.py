@@ -86,10 +86,8 @@ def build_backbone(cfg: RunConfig, hf_cfg, dtype: torch.dtype, device: torch.dev
     if cfg.model.tiny:
         backbone = AutoModel.from_config(hf_cfg, attn_implementation=attn, dtype=dtype)
     else:
-        kwargs = {}
-        if cfg.lora.qlora:
-            kwargs.update(quantization_config=_bnb_4bit(dtype), device_map={"": str(device)})
-        backbone = AutoModel.from_pretrained(cfg.model.name_or_path, dtype=dtype, attn_implementation=attn, **kwargs)
+        backbone = AutoModel.from_pretrained(cfg.model.name_or_path, dtype=dtype, attn_implementation=attn,
+                                             **pretrained_placement(cfg, dtype, device))
     # the pooled token only needs the backbone's hidden states: no KV cache while training (also keeps packed
     # position_ids detectable, see inference.modeling)
     backbone.config.use_cache = False
@@ -101,6 +99,18 @@ def build_backbone(cfg: RunConfig, hf_cfg, dtype: torch.dtype, device: torch.dev
         else:
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return backbone
+
+
+def pretrained_placement(cfg: RunConfig, dtype: torch.dtype, device: torch.device) -> dict:
+    """Where from_pretrained puts the weights. ZeRO-3: nowhere in particular (HfDeepSpeedConfig partitions them as
+    they load; a device_map would fight it). Otherwise straight onto this rank's device: without a device_map each
+    of a node's 8 ranks would first build the whole model in host RAM (8 x 18.5 GB for Gemma2-9B in bf16)."""
+    if cfg.deepspeed.zero_stage == 3 and not cfg.lora.qlora:
+        return {}
+    kwargs = {"device_map": {"": str(device)}}
+    if cfg.lora.qlora:
+        kwargs["quantization_config"] = _bnb_4bit(dtype)
+    return kwargs
 
 
 def _bnb_4bit(dtype: torch.dtype):
