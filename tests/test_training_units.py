@@ -223,3 +223,37 @@ def test_pretrained_weights_load_onto_the_rank_device_unless_zero3_partitions_th
     rank3 = torch.device("cuda", 3)
     assert pretrained_placement(zero3, torch.bfloat16, rank3) == {}  # HfDeepSpeedConfig partitions while loading
     assert pretrained_placement(zero2, torch.bfloat16, rank3) == {"device_map": {"": "cuda:3"}}
+
+
+# ------------------------------------------------------------------------------------------------ export replacement
+
+
+def test_replace_dir_never_loses_the_previous_export(tmp_path, monkeypatch):
+    import os
+
+    from training import checkpoint
+    from training.checkpoint import recover_dir, replace_dir
+
+    final, new = tmp_path / "final", tmp_path / ".final.tmp"
+    final.mkdir()
+    (final / "arena.json").write_text("old")
+    new.mkdir()
+    (new / "arena.json").write_text("new")
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(a, b):  # the process dies between moving the old export aside and the new one in
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real_replace(a, b)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(new, final)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert not final.exists()  # the crash window the old delete-then-rename lost the export in
+    assert recover_dir(final) and (final / "arena.json").read_text() == "old"
+    replace_dir(new, final)  # the retried export
+    assert (final / "arena.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert not recover_dir(final)

@@ -42,6 +42,30 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Make the complete directory `src` the new `dst`, so that a crash at any moment leaves a usable `dst` or a
+    recoverable one: the old `dst` is renamed aside (`.NAME.old`), `src` renamed into place, then the old one
+    deleted. Renames are atomic on one filesystem; recover_dir() undoes a crash between the two."""
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    recover_dir(dst)
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: Path) -> bool:
+    """After a crash inside replace_dir: put the old directory back when the new one never arrived."""
+    dst = Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    if not dst.exists() and old.is_dir():
+        os.replace(old, dst)
+        return True
+    return False
+
+
 def rng_state() -> dict:
     """RNG states as tensors and plain values, so that they load with torch.load(weights_only=True)."""
     version, mt, gauss = random.getstate()
@@ -78,9 +102,7 @@ def save_checkpoint(engine, cfg: RunConfig, dist: Dist, trainer_state: dict) -> 
     if dist.is_main:
         write_atomic(root / tmp_tag / STATE_FILE, json.dumps({**trainer_state, "world_size": dist.world_size}, indent=2))
         write_atomic(root / tmp_tag / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if (root / tag).exists():
-            shutil.rmtree(root / tag)
-        os.replace(root / tmp_tag, root / tag)
+        replace_dir(root / tmp_tag, root / tag)
         write_atomic(root / LATEST, tag)  # last: until here the previous checkpoint stays "latest"
         prune(root, cfg.train.keep_checkpoints, keep=tag)
     dist.barrier()

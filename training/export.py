@@ -7,7 +7,6 @@ The result loads with inference.modeling.load_pretrained, which never imports tr
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 
 from inference.modeling import ArenaClassifier, meta_for, save_head, save_meta, save_pretrained
 
+from .checkpoint import replace_dir
 from .config import RunConfig
 from .distributed import Dist
 from .model import gathered
@@ -95,9 +95,7 @@ def export_model(model: ArenaClassifier, cfg: RunConfig, tokenizer, dist: Dist, 
             save_pretrained(_PlainView(model), tokenizer, tmp, fmt, state_dict=merged, **meta)
         else:
             _save_adapter(model, cfg, tokenizer, tmp, out_dir, state, fmt, meta)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)  # a crash mid-way never loses the previous export
     dist.barrier()
     return out_dir
 

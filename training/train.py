@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -27,7 +26,8 @@ import yaml
 
 from inference.submission import softmax, tta_average
 
-from .checkpoint import check_resumable, find_resume, load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import (check_resumable, find_resume, load_checkpoint, recover_dir, replace_dir, save_checkpoint,
+                         write_atomic)
 from .config import RunConfig, deepspeed_config, to_dict
 from .distributed import Dist, all_gather_objects, all_mean, setup_distributed
 from . import report
@@ -56,6 +56,9 @@ def run(cfg: RunConfig) -> Path | None:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))  # the resolved run config
+        for name in ("final", "best"):
+            if recover_dir(out / name):
+                log.warning("restored %s/ from a crash during its replacement", out / name)
     check_memory_plan(cfg, dist)
 
     # ---- data
@@ -170,9 +173,7 @@ def run(cfg: RunConfig) -> Path | None:
     # ---- export: final/ = the best model (or the last), with its validation predictions and calibration
     final = out / "final"
     if cfg.train.export == "best" and dist.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(out / "best", final)
+        replace_dir(out / "best", final)
         preds = dict(np.load(final / PREDICTIONS_FILE))
     elif cfg.train.export == "last":
         _export(engine.module, cfg, tokenizer, dist, final, preds, state["step"], splits.prior)
