@@ -30,3 +30,16 @@ def test_broken_train_csv_names_file_and_column(tmp_path):
     r = _train("--config", "configs/tiny/llama_cpu.yaml", f"data.train_csv={csv}", f"output_dir={tmp_path / 'run'}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{csv}: column response_a: missing column" in r.stderr
+
+
+def test_empty_validation_fold_is_refused_before_the_first_step(tmp_path):
+    from data.synthetic import write_sample
+
+    csv = write_sample(tmp_path / "data", rows=8, seed=0, test_rows=1)["train"]
+    out = tmp_path / "run"
+    r = _train("--config", "configs/tiny/llama_cpu.yaml", f"data.train_csv={csv}", f"output_dir={out}",
+               "data.num_folds=40", "data.valid_fold=39", "deepspeed.config=configs/deepspeed/zero2.json",
+               "deepspeed.param_persistence_threshold=null")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "data.valid_fold=39: fold 39 of data.num_folds=40 holds no rows" in r.stderr
+    assert not (out / "metrics.jsonl").exists()

@@ -76,8 +76,26 @@ def load_splits(cfg: RunConfig, tokenizer, dist: Dist) -> Splits:
         valid = full.select(np.flatnonzero(folds == d.valid_fold))
     else:
         train, valid = full, None
+    check_split_sizes(cfg, len(full), train, valid)
     counts = np.bincount(np.asarray(train["label"]), minlength=3).astype(float)
     return Splits(train=train, valid=valid, prior=(counts / counts.sum()).tolist())
+
+
+def check_split_sizes(cfg: RunConfig, rows: int, train, valid) -> None:
+    """Refuse an empty training set or validation fold before the first step (not after hours of training, when
+    the best-model export finds nothing to score)."""
+    from .config import ConfigError
+
+    d = cfg.data
+    if valid is not None and len(valid) == 0:
+        if d.valid_csv:
+            raise ConfigError(f"data.valid_csv={d.valid_csv}: the validation file has no rows")
+        raise ConfigError(f"data.valid_fold={d.valid_fold}: fold {d.valid_fold} of data.num_folds={d.num_folds} holds "
+                          f"no rows of {d.train_csv} ({rows} rows; folds group rows by prompt): use fewer folds, "
+                          "another fold, data.valid_csv, or data.valid_fold=null to train without validation")
+    if len(train) == 0:
+        raise ConfigError(f"data.train_csv={d.train_csv}: no training rows left after holding out fold "
+                          f"{d.valid_fold} ({rows} rows in the file)")
 
 
 def examples_of(ds, indices: list[int], full_swap: bool) -> list[dict]:
