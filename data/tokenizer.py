@@ -1,4 +1,5 @@
-"""Load tokenizers from local paths only (no hub), and train a small BPE tokenizer for the tiny CPU presets."""
+"""Load tokenizers (a local directory or file, or a Hugging Face hub id: downloaded or from the HF cache), resolve
+pretrained model sources the same way, and train a small BPE tokenizer for the tiny CPU presets."""
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,44 @@ def _is_tiktoken_file(path: Path) -> bool:
     return len(first) == 2 and first[1].isdigit()
 
 
+class PretrainedNotFound(FileNotFoundError):
+    """A model / tokenizer source that is neither a local path nor reachable as a hub id (one line, for the CLI)."""
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def resolve_pretrained(name: str | Path, what: str = "model.name_or_path") -> str:
+    """What from_pretrained accepts: a local directory, a hub id already in the HF cache, or (online) a hub id to
+    download. Offline with nothing cached, or a path that does not exist, fails with one line naming it."""
+    name = str(name)
+    if Path(name).exists():
+        return name
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise PretrainedNotFound(f"{what}={name}: no such local directory (and not a valid hub id)") from None
+    if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
+        return name
+    if _hub_offline():
+        from huggingface_hub import constants
+
+        raise PretrainedNotFound(
+            f"{what}={name}: not a local directory and not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+            f"and HF_HUB_OFFLINE=1 forbids downloading it: run `huggingface-cli download {name}` where there is "
+            "internet (same HF_HOME), or give a local directory")
+    return name  # from_pretrained downloads it
+
+
 def load_tokenizer(path: str | Path):
-    """A fast tokenizer from a local directory, a `tokenizer.json`, or a tiktoken BPE file (Llama 3 `tokenizer.model`).
+    """A fast tokenizer from a local directory, a `tokenizer.json`, a tiktoken BPE file (Llama 3 `tokenizer.model`),
+    or a hub id (see resolve_pretrained).
 
     A tiktoken file is converted once (slow: it rebuilds the merges) and cached under $ARENA_CACHE by content hash.
     Padding falls back to EOS (decoder classifiers pool the last real token, so the pad id is never attended).
@@ -41,9 +78,9 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer not found: {path} (give a local directory or file; the hub is not used)")
-    if path.is_dir():
+    if not path.exists():  # a hub id (from the HF cache, or downloaded when online)
+        tok = AutoTokenizer.from_pretrained(resolve_pretrained(str(path), "tokenizer"))
+    elif path.is_dir():
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     elif path.suffix == ".json":
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path))

@@ -43,3 +43,38 @@ def test_empty_validation_fold_is_refused_before_the_first_step(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "data.valid_fold=39: fold 39 of data.num_folds=40 holds no rows" in r.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_hub_id_offline_and_not_cached_is_one_clear_line(sample_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "training", "--config", "configs/tiny/llama_cpu.yaml", "model.tiny=null",
+                        "model.name_or_path=google/gemma-2-9b", "data.tokenizer=null", f"output_dir={tmp_path / 'run'}",
+                        f"data.train_csv={sample_dir / 'train.csv'}"],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+                            "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [x for x in r.stderr.splitlines() if x.startswith("arena-train:")]
+    assert len(lines) == 1 and "model.name_or_path=google/gemma-2-9b" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_a_hub_id_in_the_hf_cache_trains_offline(tiny_export_dir, sample_dir, tmp_path):
+    """A hub id resolved from the Hugging Face cache (its on-disk layout: models--ORG--NAME/snapshots/REV + refs)."""
+    import shutil
+
+    hub = tmp_path / "hf" / "hub"
+    repo = hub / "models--arena-test--tiny-llama"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_export_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "training", "--config", "configs/tiny/llama_cpu.yaml", "model.tiny=null",
+                        "model.name_or_path=arena-test/tiny-llama", "data.tokenizer=null",
+                        f"data.train_csv={sample_dir / 'train.csv'}", f"output_dir={out}",
+                        "deepspeed.config=configs/deepspeed/zero2.json", "deepspeed.param_persistence_threshold=null",
+                        "train.max_steps=2", "train.eval_every=0", "train.save_every=0", "train.export=last"],
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                            "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(hub)})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (out / "final" / "model.safetensors").exists()

@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name_or_path: str | None = None  # local HF model dir (or cached hub id) of the pretrained backbone
+    name_or_path: str | None = None  # what from_pretrained takes: a local HF model dir, or a hub id (HF cache/download)
     architecture: str | None = None  # named preset for the memory plan ("gemma2-9b", "llama3-8b"); informational
     tiny: dict | None = None  # HF config kwargs incl. model_type: a randomly initialised model built from config
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bfloat16" or "float32"
@@ -388,6 +388,15 @@ def model_type_of(cfg: RunConfig) -> str | None:
         return cfg.model.tiny.get("model_type")
     if cfg.model.name_or_path:
         p = Path(cfg.model.name_or_path) / "config.json"
+        if not p.exists():  # a hub id: its config.json in the HF cache, if it is there
+            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub.utils import HFValidationError
+
+            try:
+                cached = try_to_load_from_cache(cfg.model.name_or_path, "config.json")
+            except HFValidationError:
+                return None
+            p = Path(cached) if isinstance(cached, str) else p
         if p.exists():
             return json.loads(p.read_text()).get("model_type")
     return None

@@ -60,6 +60,10 @@ def run(cfg: RunConfig) -> Path | None:
             if recover_dir(out / name):
                 log.warning("restored %s/ from a crash during its replacement", out / name)
     check_memory_plan(cfg, dist)
+    if cfg.model.name_or_path:  # a missing local dir, or a hub id offline with nothing cached: one line, now
+        from data.tokenizer import resolve_pretrained
+
+        resolve_pretrained(cfg.model.name_or_path)
 
     # ---- data
     tokenizer = prepare_tokenizer(cfg, dist)
