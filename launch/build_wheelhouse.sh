@@ -50,9 +50,12 @@ run mkdir -p "$OUT"
 run $PIP wheel --no-deps --wheel-dir "$OUT" "$ROOT"
 
 # 2. Resolve the full dependency set for the target interpreter without installing, then drop torch & CUDA.
+#    Through the lock (constraints.txt, without its CPU torch pin): the kernel gets the versions CI tested.
 REPORT="$(mktemp -d)/report.json"
+LOCK="$(dirname "$REPORT")/constraints.txt"
+grep -v -i '^torch==' "$ROOT/constraints.txt" >"$LOCK"
 # shellcheck disable=SC2086
-run $PIP install --dry-run --ignore-installed --quiet --report "$REPORT" --only-binary=:all: \
+run $PIP install --dry-run --ignore-installed --quiet --report "$REPORT" --only-binary=:all: -c "$LOCK" \
   --python-version "$PYTHON_VERSION" "${PLATFORM_ARGS[@]}" --target "$(dirname "$REPORT")/t" $REQS
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   echo "+ (then: pip download --no-deps each resolved name==version not matching $EXCLUDE_RE)"

@@ -274,3 +274,14 @@ def test_train_sh_launches_a_real_two_process_cpu_run(tmp_path, sample_dir):
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert any(row.get("step") == 2 for row in rows)
     assert (tmp_path / "run/final/arena.json").exists()
+
+
+def test_gpu_smoke_on_a_cpu_exits_at_once_with_a_clear_message():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: run bench/gpu_smoke.py itself")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py")], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "no CUDA GPU visible" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"gpu": False, "ran": []}

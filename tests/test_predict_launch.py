@@ -30,4 +30,5 @@ def test_wheelhouse_recipe_excludes_torch_and_reads_setup_py():
     reqs = [line for line in out.stdout.splitlines() if line.startswith("requirements")][0].split(":", 1)[1]
     assert "transformers" in reqs and "peft" in reqs and "bitsandbytes" in reqs and "torch" not in reqs
     assert "pip wheel --no-deps" in out.stdout and "--no-deps each resolved" in out.stdout
+    assert "-c " in out.stdout  # resolved through the lock (constraints.txt)
     assert not os.path.exists("/tmp/never-written")
