@@ -18,7 +18,7 @@ from .template import FormatConfig, Formatter
 from .tokenizer import cache_root, file_digest
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: [CLS] starts encoder sequences
 
 
 def tokenizer_digest(tok) -> str:

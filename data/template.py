@@ -62,12 +62,15 @@ class Formatter:
     def __init__(self, tokenizer, cfg: FormatConfig):
         self.tok = tokenizer
         self.cfg = cfg
-        enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"]) if s else []  # noqa: E731
+        enc = lambda s: list(tokenizer(s, add_special_tokens=False, verbose=False)["input_ids"]) if s else []  # noqa: E731
         self.headers = (enc(cfg.prompt_header), enc(cfg.a_header), enc(cfg.b_header))
         self.suffix = enc(cfg.suffix)
         self.cut_ids = enc(cfg.cut_marker)
         self.omitted_ids = enc(cfg.omitted_marker)
+        # the sequence start: BOS for decoders, [CLS] for BERT-style encoders (which have no BOS and pool position 0)
         bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            bos = getattr(tokenizer, "cls_token_id", None)
         self.bos = [bos] if (cfg.add_bos and bos is not None) else []
         if not self.suffix:
             raise ValueError("the template suffix must not be empty: its last token is pooled")
@@ -87,7 +90,9 @@ class Formatter:
         ids: list[list[int]] = []
         for s in range(0, len(texts), batch_size):
             chunk = texts[s : s + batch_size]
-            ids += [list(x) for x in self.tok(chunk, add_special_tokens=False)["input_ids"]]
+            # verbose=False: whole parts may exceed the model's maximum length; they are truncated exactly below,
+            # so the tokenizer's "sequence longer than the maximum" warning would only mislead
+            ids += [list(x) for x in self.tok(chunk, add_special_tokens=False, verbose=False)["input_ids"]]
         out, k = [], 0
         for b in battles:
             turns = []

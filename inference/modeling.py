@@ -217,6 +217,8 @@ def load_pretrained(
         str(base), dtype=dtype, attn_implementation=attn, local_files_only=True, use_safetensors=True,
         **from_pretrained_kwargs,
     )
+    if getattr(backbone, "pooler", None) is not None:
+        backbone.pooler = None  # BERT-style pooler: never read by the arena head (training drops it too)
     if meta.get("adapter"):
         from peft import PeftModel
 

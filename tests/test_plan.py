@@ -251,7 +251,7 @@ def test_config_errors_are_clear():
         inputs_from_config(cfg, 8, 1)
     with pytest.raises(ValueError, match="--gpus"):
         inputs_from_config(run_cfg(), 0, 1)
-    assert set(ARCHITECTURES) == {"gemma2-9b", "llama3-8b"}
+    assert set(ARCHITECTURES) == {"gemma2-9b", "llama3-8b", "deberta-v3-large", "minilm-l6"}
 
 
 def test_every_preset_plans_through_the_run_config_loader():

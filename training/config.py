@@ -382,24 +382,47 @@ def _walk(d: dict, prefix: str = ""):
 # ---------------------------------------------------------------------------------------------------- validation
 
 
+def pretrained_json(name_or_path: str | None, filename: str) -> dict | None:
+    """A JSON file of a pretrained model (config.json, tokenizer_config.json) from its local directory or, for a hub
+    id, the HF cache; None when it is not on this machine."""
+    if not name_or_path:
+        return None
+    p = Path(name_or_path) / filename
+    if not p.exists():  # a hub id: the file in the HF cache, if it is there
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.utils import HFValidationError
+
+        try:
+            cached = try_to_load_from_cache(name_or_path, filename)
+        except HFValidationError:
+            return None
+        if not isinstance(cached, str):
+            return None
+        p = Path(cached)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
 def model_type_of(cfg: RunConfig) -> str | None:
     """The HF model_type, from model.tiny or the pretrained config.json (None if unknown without loading)."""
     if cfg.model.tiny:
         return cfg.model.tiny.get("model_type")
-    if cfg.model.name_or_path:
-        p = Path(cfg.model.name_or_path) / "config.json"
-        if not p.exists():  # a hub id: its config.json in the HF cache, if it is there
-            from huggingface_hub import try_to_load_from_cache
-            from huggingface_hub.utils import HFValidationError
+    return (pretrained_json(cfg.model.name_or_path, "config.json") or {}).get("model_type")
 
-            try:
-                cached = try_to_load_from_cache(cfg.model.name_or_path, "config.json")
-            except HFValidationError:
-                return None
-            p = Path(cached) if isinstance(cached, str) else p
-        if p.exists():
-            return json.loads(p.read_text()).get("model_type")
-    return None
+
+def position_limits(cfg: RunConfig) -> dict[str, int]:
+    """The longest sequence the model and its tokenizer take, by source (what is known without loading)."""
+    limits = {}
+    model_cfg = cfg.model.tiny or pretrained_json(cfg.model.name_or_path, "config.json") or {}
+    text_cfg = model_cfg.get("text_config") or model_cfg
+    if isinstance(text_cfg.get("max_position_embeddings"), int):
+        limits["max_position_embeddings"] = text_cfg["max_position_embeddings"]
+    tok_src = cfg.data.tokenizer if cfg.data.tokenizer not in (None, "train_bpe") else cfg.model.name_or_path
+    tok_cfg = (pretrained_json(tok_src, "tokenizer_config.json") or {}) if tok_src and not str(tok_src).endswith(
+        (".json", ".model")) else {}
+    n = tok_cfg.get("model_max_length")
+    if isinstance(n, (int, float)) and 0 < n < 1e8:  # HF writes a huge sentinel when there is no limit
+        limits["tokenizer model_max_length"] = int(n)
+    return limits
 
 
 def validate(cfg: RunConfig, check_files: bool = True) -> None:
@@ -422,6 +445,10 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
         raise err("model.tiny.vocab_size", "is taken from the tokenizer; remove it")
     if m.tiny is not None and d.tokenizer is None:
         raise err("data.tokenizer", "a tiny model has no tokenizer of its own: give a path or train_bpe")
+    for source, limit in position_limits(cfg).items():
+        if d.format.max_length > limit:
+            raise err("data.format.max_length", f"{d.format.max_length} is beyond the model's position limit: "
+                      f"{source} = {limit}; set data.format.max_length <= {limit}")
     if m.dtype not in ("auto", "bfloat16", "float32"):
         raise err("model.dtype", f"must be auto, bfloat16 or float32, got {m.dtype!r}")
     mtype = model_type_of(cfg)

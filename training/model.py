@@ -91,6 +91,10 @@ def build_backbone(cfg: RunConfig, hf_cfg, dtype: torch.dtype, device: torch.dev
     # the pooled token only needs the backbone's hidden states: no KV cache while training (also keeps packed
     # position_ids detectable, see inference.modeling)
     backbone.config.use_cache = False
+    if getattr(backbone, "pooler", None) is not None:
+        # BERT-style encoders carry a pooler (dense + tanh over [CLS]) that the arena head never reads: it would get
+        # no gradient, sit in the optimizer and be exported as dead weight
+        backbone.pooler = None
     if cfg.model.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads, and with ZeRO-3 hooks
         kwargs = {"use_reentrant": False}
@@ -133,10 +137,29 @@ def add_lora(cfg: RunConfig, backbone):
             gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_cfg = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
                           bias="none")
+    names = linear_module_names(backbone)
+    if "all-linear" not in lo.target_modules and not set(lo.target_modules) & set(names):
+        # module names differ per architecture: q_proj/k_proj/v_proj/o_proj (Llama, Gemma2), query/key/value/dense
+        # (BERT), query_proj/key_proj/value_proj (DeBERTa-v2)
+        from .config import ConfigError
+
+        raise ConfigError(f"lora.target_modules={list(lo.target_modules)} matches no module of this "
+                          f"{backbone.config.model_type} model; its linear modules are: {', '.join(names)}")
     try:
         return get_peft_model(backbone, peft_cfg)
     except ValueError as e:  # e.g. target modules not found in the model
         raise ValueError(f"lora.target_modules={list(lo.target_modules)}: {e}") from None
+
+
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the model's linear layers (what lora.target_modules matches)."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf not in out:
+                out.append(leaf)
+    return out
 
 
 def build_model(cfg: RunConfig, tokenizer, hf_cfg, ds_config: dict, device: torch.device) -> ArenaClassifier:
