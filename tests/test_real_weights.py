@@ -141,7 +141,7 @@ def test_arena_predict_reproduces_the_training_validation_probabilities(zero3_ru
     valid = tmp_path / "valid.csv"
     with open(REAL_TRAIN, newline="", encoding="utf-8") as f, open(valid, "w", newline="", encoding="utf-8") as g:
         reader = csv.DictReader(f)
-        writer = csv.DictWriter(g, fieldnames=["id", "prompt", "response_a", "response_b"], extrasaction="ignore")
+        writer = csv.DictWriter(g, fieldnames=reader.fieldnames)  # labels too: arena-data score reads them
         writer.writeheader()
         writer.writerows(r for r in reader if r["id"] in wanted)
     sub = tmp_path / "sub.csv"
@@ -157,3 +157,12 @@ def test_arena_predict_reproduces_the_training_validation_probabilities(zero3_ru
     got = np.asarray([served[str(i)] for i in preds["ids"]])
     assert len(got) == len(wanted) > 100
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    # the report's headline is what arena-predict served: `arena-data score` of its file gives the same number
+    score = subprocess.run([sys.executable, "-m", "data", "score", "--submission", str(sub), "--labels", str(valid)],
+                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert score.returncode == 0, score.stderr
+    scored = float(score.stdout.split("log_loss", 1)[1].split()[0])
+    summary = json.loads((zero3_run / "report" / "summary.json").read_text())
+    assert abs(summary["served_logloss"] - scored) < 1e-5, (summary["served_logloss"], scored)
+    assert f"**{summary['served_logloss']:.4f}**" in (zero3_run / "report" / "report.md").read_text()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from data.scoring import log_loss
+from inference.submission import tta_average
 from tests.conftest import ROOT
 from training import report
 from training.report import (
@@ -310,3 +311,26 @@ def test_tta_temperature_fits_the_swap_average():
 
     assert tta_loss(t_tta) < tta_loss(t_one) - 1e-3
     assert tta_loss(t_tta) <= min(tta_loss(t) for t in np.linspace(0.5, 6, 200)) + 1e-4
+
+
+def test_report_headline_is_the_served_tta_prediction_and_pairs_compare_like_with_like(tmp_path):
+    """With both views saved, the headline is the A/B-swap average at the TTA temperature (what arena-predict
+    serves); 'before T' is the same average at T = 1; the single view is a separate row with its own T."""
+    run = tmp_path / "run"
+    write_run(run, preds=False)
+    logits, labels = calibrated_sample(3000, 4)
+    rng = np.random.default_rng(5)
+    logits, swap = logits * 3, logits * 3 + rng.normal(0, 0.8, logits.shape)  # two over-confident, noisy views
+    probs = tta_average(softmax(logits), softmax(swap))
+    np.savez(run / "val_predictions.npz", probs=probs, labels=labels, logits=logits, logits_swap=swap)
+    s = write_report(run, temperature=2.5, temperature_no_tta=2.8)
+    served = tta_average(softmax(logits, 2.5), softmax(swap, 2.5))
+    assert s["tta"] and s["temperature"] == 2.5 and s["temperature_no_tta"] == 2.8
+    assert s["served_logloss"] == pytest.approx(log_loss(served, labels), abs=1e-12)
+    assert s["val_logloss"] == pytest.approx(log_loss(probs, labels), abs=1e-12)  # same average, T = 1
+    assert s["single_logloss_scaled"] == pytest.approx(log_loss(softmax(logits, 2.8), labels), abs=1e-12)
+    assert s["served_logloss"] < s["val_logloss"] and s["single_logloss_scaled"] < s["single_logloss"]
+    assert s["ece_scaled"] == pytest.approx(expected_calibration_error(served, labels))
+    md = (run / "report" / "report.md").read_text()
+    assert f"**{s['served_logloss']:.4f}**" in md and "A/B-swap average, T = 2.500" in md
+    assert json.loads((run / "report" / "summary.json").read_text())["served_logloss"] == s["served_logloss"]

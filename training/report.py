@@ -235,6 +235,13 @@ class Predictions:
     probs: np.ndarray
     labels: np.ndarray
     logits: np.ndarray
+    logits_swap: np.ndarray | None = None  # the A/B-swapped view (mapped back), when evaluation scored it
+
+    def served(self, temperature: float = 1.0) -> np.ndarray:
+        """What arena-predict serves at this temperature: the A/B-swap average when both views exist."""
+        if self.logits_swap is None:
+            return softmax(self.logits, temperature)
+        return tta_average(softmax(self.logits, temperature), softmax(self.logits_swap, temperature))
 
 
 def read_predictions(path: str | Path) -> Predictions | None:
@@ -259,7 +266,12 @@ def read_predictions(path: str | Path) -> Predictions | None:
         raise ValueError(f"{path}: probs {probs.shape} / logits {logits.shape} do not match {len(labels)} labels x 3")
     if len(labels) and (labels.min() < 0 or labels.max() > 2):
         raise ValueError(f"{path}: labels must be 0, 1 or 2, got values in [{labels.min()}, {labels.max()}]")
-    return Predictions(probs, labels, logits)
+    swap = arrays.get("logits_swap")
+    if swap is not None:
+        swap = swap.astype(np.float64)
+        if swap.shape != logits.shape:
+            raise ValueError(f"{path}: logits_swap {swap.shape} does not match logits {logits.shape}")
+    return Predictions(probs, labels, logits, swap)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,8 +300,11 @@ def _save_figure(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def summarize(curves: Curves, preds: Predictions | None, temperature: float | None = None) -> dict:
-    """The report's numbers. Fits the temperature on the validation predictions unless one is given."""
+def summarize(curves: Curves, preds: Predictions | None, temperature: float | None = None,
+              temperature_no_tta: float | None = None) -> dict:
+    """The report's numbers. Every before/after pair compares the same predictions: the headline is what
+    arena-predict serves (the A/B-swap average divided by `temperature`), a single view (--no-tta, with
+    `temperature_no_tta`) is the secondary row. Temperatures not given are fitted on the validation predictions."""
     s: dict = {"steps": int(max([*curves.train_step, *curves.val_step], default=0)), "uniform_logloss": UNIFORM_LOGLOSS}
     if len(curves.train_loss):
         s["train_loss_final"] = float(curves.train_loss[-1])
@@ -304,28 +319,47 @@ def summarize(curves: Curves, preds: Predictions | None, temperature: float | No
         s["val_accuracy_final"] = curves.val_accuracy[max(curves.val_accuracy)]
     if preds is None or len(preds.labels) == 0:
         return s
-    t = fit_temperature(preds.logits, preds.labels) if temperature is None else float(temperature)
-    scaled = softmax(preds.logits, t)
+    y = preds.labels
+    t_one = fit_temperature(preds.logits, y) if temperature_no_tta is None else float(temperature_no_tta)
+    if temperature is not None:
+        t = float(temperature)
+    elif preds.logits_swap is not None:
+        t = fit_temperature(preds.logits, y, logits_swap=preds.logits_swap)
+    else:
+        t = t_one
+    raw, served = preds.served(1.0), preds.served(t)
+    single_raw, single = softmax(preds.logits), softmax(preds.logits, t_one)
     s.update(
-        val_rows=len(preds.labels),
-        val_logloss=log_loss(preds.probs, preds.labels),
-        val_accuracy=float(np.mean(preds.probs.argmax(axis=1) == preds.labels)),
-        prior_logloss=prior_log_loss(preds.labels),
-        ece=expected_calibration_error(preds.probs, preds.labels),
+        val_rows=len(y),
+        tta=preds.logits_swap is not None,
+        # the served predictor (A/B-swap average when evaluated with both views): before and after its temperature
         temperature=t,
-        val_logloss_scaled=log_loss(scaled, preds.labels),
-        ece_scaled=expected_calibration_error(scaled, preds.labels),
-        label_shares=[float(x) for x in np.bincount(preds.labels, minlength=3) / len(preds.labels)],
-        probs_match_logits=bool(np.allclose(preds.probs, softmax(preds.logits), atol=1e-4)),
+        val_logloss=log_loss(raw, y),
+        val_logloss_scaled=log_loss(served, y),
+        served_logloss=log_loss(served, y),
+        val_accuracy=float(np.mean(served.argmax(axis=1) == y)),
+        ece=expected_calibration_error(raw, y),
+        ece_scaled=expected_calibration_error(served, y),
+        # one view (arena-predict --no-tta): before and after its own temperature
+        temperature_no_tta=t_one,
+        single_logloss=log_loss(single_raw, y),
+        single_logloss_scaled=log_loss(single, y),
+        single_ece=expected_calibration_error(single_raw, y),
+        single_ece_scaled=expected_calibration_error(single, y),
+        prior_logloss=prior_log_loss(y),
+        label_shares=[float(x) for x in np.bincount(y, minlength=3) / len(y)],
+        saved_probs_logloss=log_loss(preds.probs, y),
+        probs_match_logits=bool(np.allclose(preds.probs, raw, atol=1e-4)),
     )
     return s
 
 
-def write_report(run_dir: str | Path, temperature: float | None = None) -> dict:
-    """Write run_dir/report/{loss,calibration,confusion}.png and report.md; return the summary numbers.
+def write_report(run_dir: str | Path, temperature: float | None = None, temperature_no_tta: float | None = None) -> dict:
+    """Write run_dir/report/{loss,calibration,confusion}.png, report.md and summary.json; return the summary.
 
-    `temperature`: the one saved with the export; when None it is fitted here on the validation predictions
-    (the returned dict's "temperature"). Plots that need evaluation data are skipped, and report.md says so.
+    `temperature` / `temperature_no_tta`: the ones saved with the export (A/B-swap average / single view); when None
+    they are fitted here on the validation predictions. Plots that need evaluation data are skipped, and report.md
+    says so.
     Raises ValueError for malformed metrics.jsonl / val_predictions.npz; ImportError naming the extra without matplotlib.
     """
     try:
@@ -339,7 +373,7 @@ def write_report(run_dir: str | Path, temperature: float | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     curves = read_metrics(run_dir / "metrics.jsonl")
     preds = read_predictions(run_dir / "val_predictions.npz")
-    summary = summarize(curves, preds, temperature)
+    summary = summarize(curves, preds, temperature, temperature_no_tta)
 
     figures = {}
     if len(curves.train_loss) or len(curves.val_logloss):
@@ -347,7 +381,7 @@ def write_report(run_dir: str | Path, temperature: float | None = None) -> dict:
         figures["loss"] = "loss.png"
     if preds is not None and len(preds.labels):
         _save_figure(_calibration_figure(preds, summary), out / "calibration.png")
-        _save_figure(_confusion_figure(preds), out / "confusion.png")
+        _save_figure(_confusion_figure(preds, summary["temperature"]), out / "confusion.png")
         figures.update(calibration="calibration.png", confusion="confusion.png")
     # Drop plots left over from an earlier report of the same directory that this run could not draw.
     for name in ("loss.png", "calibration.png", "confusion.png"):
@@ -357,6 +391,7 @@ def write_report(run_dir: str | Path, temperature: float | None = None) -> dict:
     text = _markdown(run_dir, summary, figures)
     _atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     summary["report"] = str(out / "report.md")
+    _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary
 
 
@@ -424,15 +459,16 @@ def _calibration_figure(preds: Predictions, s: dict):
     import matplotlib.pyplot as plt
 
     t = s["temperature"]
+    what = "A/B-swap average" if preds.logits_swap is not None else "single view"
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.6), gridspec_kw={"height_ratios": [3, 1]})
     ax, bar_ax = axes[0, 0], axes[1, 0]
     ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1, label="perfect calibration")
-    raw = softmax(preds.logits)
-    _reliability_panel(ax, bar_ax, raw, preds.labels, "T = 1", "tab:blue", -0.5 if t != 1.0 else 0.0)
+    # the served predictions, as in the table: before and after their temperature
+    _reliability_panel(ax, bar_ax, preds.served(1.0), preds.labels, "T = 1", "tab:blue", -0.5 if t != 1.0 else 0.0)
     if t != 1.0:
-        _reliability_panel(ax, bar_ax, softmax(preds.logits, t), preds.labels, f"T = {t:.3f}", "tab:red", 0.5)
+        _reliability_panel(ax, bar_ax, preds.served(t), preds.labels, f"T = {t:.3f}", "tab:red", 0.5)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean top-class confidence in bin", ylabel="accuracy in bin",
-           title="Top-class reliability (10 bins)")
+           title=f"Top-class reliability (10 bins), served {what}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     bar_ax.set(xlim=(0, 1), xlabel="top-class confidence", ylabel="rows")
@@ -442,7 +478,7 @@ def _calibration_figure(preds: Predictions, s: dict):
     # Class-wise: is P(tie) = 0.3 right 30% of the time? Ties are where LLM judges are most miscalibrated.
     ax, bar_ax = axes[0, 1], axes[1, 1]
     ax.plot([0, 1], [0, 1], color="gray", ls="--", lw=1)
-    scaled = softmax(preds.logits, t)
+    scaled = preds.served(t)
     colors = ("tab:blue", "tab:orange", "tab:green")
     for k, (name, color) in enumerate(zip(CLASS_NAMES, colors)):
         bins = reliability_bins(scaled[:, k], preds.labels == k)
@@ -460,10 +496,10 @@ def _calibration_figure(preds: Predictions, s: dict):
     return fig
 
 
-def _confusion_figure(preds: Predictions):
+def _confusion_figure(preds: Predictions, temperature: float = 1.0):
     import matplotlib.pyplot as plt
 
-    counts = confusion_matrix(preds.probs, preds.labels)
+    counts = confusion_matrix(preds.served(temperature), preds.labels)
     shares = row_shares(counts)
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -504,14 +540,21 @@ def _markdown(run_dir: Path, s: dict, figures: dict[str, str]) -> str:
     if "val_accuracy_final" in s:
         rows.append(("final val accuracy (logged)", _fmt(s["val_accuracy_final"])))
     if "val_rows" in s:
+        what = "A/B-swap average" if s["tta"] else "single view"
+        t, t1 = s["temperature"], s["temperature_no_tta"]
         rows += [
             ("validation rows", str(s["val_rows"])),
-            ("val log loss of saved predictions", _fmt(s["val_logloss"])),
-            ("val accuracy", _fmt(s["val_accuracy"])),
-            ("ECE (15 bins), T = 1", _fmt(s["ece"])),
-            ("temperature T", _fmt(s["temperature"], 3)),
-            ("val log loss after T", _fmt(s["val_logloss_scaled"])),
-            ("ECE after T", _fmt(s["ece_scaled"])),
+            (f"**val log loss served by arena-predict** ({what}, T = {t:.3f})", f"**{_fmt(s['served_logloss'])}**"),
+            (f"the same predictions before T (T = 1)", _fmt(s["val_logloss"])),
+            (f"ECE (15 bins) served, T = {t:.3f} / T = 1", f"{_fmt(s['ece_scaled'])} / {_fmt(s['ece'])}"),
+            ("val accuracy (served)", _fmt(s["val_accuracy"])),
+        ]
+        if s["tta"]:
+            rows += [(f"single view (--no-tta): log loss T = {t1:.3f} / T = 1",
+                      f"{_fmt(s['single_logloss_scaled'])} / {_fmt(s['single_logloss'])}"),
+                     (f"single view: ECE T = {t1:.3f} / T = 1",
+                      f"{_fmt(s['single_ece_scaled'])} / {_fmt(s['single_ece'])}")]
+        rows += [
             ("class-prior log loss", _fmt(s["prior_logloss"])),
             ("label shares A / B / tie", " / ".join(f"{x:.3f}" for x in s["label_shares"])),
         ]
@@ -526,10 +569,9 @@ def _markdown(run_dir: Path, s: dict, figures: dict[str, str]) -> str:
         note = "the saved export divides logits by T at inference" if s["temperature"] != 1.0 else \
             "T = 1: scaling did not lower the validation log loss, so inference leaves logits unchanged"
         lines += [f"Temperature fitted on the validation fold ({note}). It is fitted on the same rows it is scored on, "
-                  "so the after-T numbers are optimistic by a little.", ""]
-        if not s["probs_match_logits"]:
-            lines += ["The saved probabilities are not softmax(logits) (e.g. averaged over the A/B swap): the headline "
-                      "log loss uses the probabilities, calibration and temperature use the logits.", ""]
+                  "so the after-T numbers are optimistic by a little. The headline is what `arena-predict` returns "
+                  "for these rows (`arena-data score` of its output gives the same number); each before/after pair "
+                  "compares the same predictions, and the figures show the served ones.", ""]
     if not figures:
         lines += ["No metrics were logged: no plots.", ""]
     titles = {"loss": "Loss curves", "calibration": "Calibration (reliability diagram)", "confusion": "Confusion matrix"}

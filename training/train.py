@@ -248,8 +248,9 @@ def finish_export(cfg: RunConfig, final: Path, preds: dict | None) -> None:
         meta["temperature_no_tta"] = float(report.fit_temperature(preds["logits"], preds["labels"]))
     save_meta(final, meta)
     if preds is not None:
-        # the report's calibration plots are of single-view logits: their temperature is the --no-tta one
-        report.write_report(out, temperature=meta.get("temperature_no_tta", meta["temperature"]))
+        # the report's headline is what arena-predict serves: the A/B-swap average with the export's temperature
+        report.write_report(out, temperature=meta.get("temperature", 1.0),
+                            temperature_no_tta=meta.get("temperature_no_tta", meta.get("temperature", 1.0)))
     log.info("exported %s (temperature %.3f)", final, meta["temperature"])
 
 
