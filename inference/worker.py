@@ -73,31 +73,34 @@ class Runner:
         """Logits (n, 3) float32. Rows whose fp16/bf16 logits are not finite (an activation overflowed) are re-run
         one by one in fp32 compute (inference.upcast). A single sequence that still runs out of memory gets NaN
         (main uses fallbacks)."""
-        logits = self._run(seqs, pad_id)
-        bad = np.flatnonzero(~np.all(np.isfinite(logits), axis=1))
+        logits, oom = self._run(seqs, pad_id)
+        # rows lost to out-of-memory are not overflows: fp32 would need more memory still
+        bad = np.flatnonzero(~np.all(np.isfinite(logits), axis=1) & ~oom)
         if len(bad):
             from inference.upcast import fp32_compute, runs_in_half
 
             if runs_in_half(self.model):
                 with fp32_compute(self.model):
                     for i in bad:
-                        logits[i] = self._run([seqs[i]], pad_id)[0]
+                        logits[i] = self._run([seqs[i]], pad_id)[0][0]
                 self.fp32_reruns += len(bad)
         return logits
 
-    def _run(self, seqs: list[np.ndarray], pad_id: int) -> np.ndarray:
+    def _run(self, seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, rows that ran out of memory even alone)."""
         import torch
 
         try:
-            return self.forward(seqs, pad_id)
+            return self.forward(seqs, pad_id), np.zeros(len(seqs), dtype=bool)
         except _oom_error():
             self.ooms += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if len(seqs) == 1:
-                return np.full((1, 3), np.nan, dtype=np.float32)
+                return np.full((1, 3), np.nan, dtype=np.float32), np.ones(1, dtype=bool)
             half = len(seqs) // 2
-            return np.concatenate([self._run(seqs[:half], pad_id), self._run(seqs[half:], pad_id)])
+            (a, oa), (b, ob) = self._run(seqs[:half], pad_id), self._run(seqs[half:], pad_id)
+            return np.concatenate([a, b]), np.concatenate([oa, ob])
 
 
 def _empty_cache(device: str) -> None:

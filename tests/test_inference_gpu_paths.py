@@ -102,3 +102,10 @@ def test_weights_load_straight_onto_the_worker_device():
     assert placement_kwargs("cuda:0") == {"device_map": {"": "cuda:0"}}
     q = object()
     assert placement_kwargs("cuda:0", q) == {"device_map": {"": "cuda:0"}, "quantization_config": q}
+
+
+def test_rows_lost_to_out_of_memory_are_not_rerun_in_fp32():
+    half, _ = overflowing_fp16_model()
+    runner = Runner(half, "cpu", oom_above=1)  # even one row "runs out of memory"
+    logits = runner.run(seqs(3), 0)
+    assert np.isnan(logits).all() and runner.ooms > 0 and runner.fp32_reruns == 0
