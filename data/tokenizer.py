@@ -43,20 +43,37 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+def cached_pretrained_file(name: str | Path | None, filename: str) -> Path | None:
+    """`filename` of a pretrained model: in its local directory, or for a hub id in the HF cache; None when it is
+    not on this machine (nothing is downloaded)."""
+    if not name:
+        return None
+    local = Path(name) / filename
+    if local.exists():
+        return local
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(str(name), filename)
+    except HFValidationError:  # a path, not a hub id
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def resolve_pretrained(name: str | Path, what: str = "model.name_or_path") -> str:
     """What from_pretrained accepts: a local directory, a hub id already in the HF cache, or (online) a hub id to
     download. Offline with nothing cached, or a path that does not exist, fails with one line naming it."""
     name = str(name)
     if Path(name).exists():
         return name
-    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(name)
     except HFValidationError:
         raise PretrainedNotFound(f"{what}={name}: no such local directory (and not a valid hub id)") from None
-    if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
+    if any(cached_pretrained_file(name, f) for f in ("config.json", "tokenizer_config.json")):
         return name
     if _hub_offline():
         from huggingface_hub import constants

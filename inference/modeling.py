@@ -196,6 +196,13 @@ def save_pretrained(
     return out
 
 
+def drop_unused_pooler(backbone: nn.Module) -> None:
+    """BERT-style encoders carry a pooler (dense + tanh over [CLS]) that the arena head never reads: in training it
+    would get no gradient, sit in the optimizer and be exported as dead weight; at inference it is wasted work."""
+    if getattr(backbone, "pooler", None) is not None:
+        backbone.pooler = None
+
+
 def load_pretrained(
     model_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
     attn_implementation: str | None = None, base_model: str | Path | None = None, **from_pretrained_kwargs: Any,
@@ -217,8 +224,7 @@ def load_pretrained(
         str(base), dtype=dtype, attn_implementation=attn, local_files_only=True, use_safetensors=True,
         **from_pretrained_kwargs,
     )
-    if getattr(backbone, "pooler", None) is not None:
-        backbone.pooler = None  # BERT-style pooler: never read by the arena head (training drops it too)
+    drop_unused_pooler(backbone)
     if meta.get("adapter"):
         from peft import PeftModel
 

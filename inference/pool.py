@@ -52,12 +52,12 @@ def worker_visibility(device: str, parent_visible: str | None) -> tuple[str | No
     if not device.startswith("cuda"):
         return None, device
     index = int(device.partition(":")[2] or 0)
-    ordinals = [x.strip() for x in parent_visible.split(",") if x.strip()] if parent_visible else None
-    if ordinals is not None:
-        if index >= len(ordinals):
-            raise ValueError(f"{device}: CUDA_VISIBLE_DEVICES={parent_visible} makes only {len(ordinals)} visible")
-        return ordinals[index], "cuda:0"
-    return str(index), "cuda:0"
+    ordinals = [x.strip() for x in (parent_visible or "").split(",") if x.strip()]
+    if not ordinals:
+        return str(index), "cuda:0"
+    if index >= len(ordinals):
+        raise ValueError(f"{device}: CUDA_VISIBLE_DEVICES={parent_visible} makes only {len(ordinals)} visible")
+    return ordinals[index], "cuda:0"
 
 
 @contextmanager

@@ -44,11 +44,7 @@ def fp32_compute(model: nn.Module):
         return _to_fp32(args), _to_fp32(kwargs)
 
     def post(module, args, kwargs, output):
-        for owner, old in saved.pop(id(module), []):
-            if isinstance(owner, torch.Tensor):
-                owner.data = old
-            else:
-                owner.compute_dtype = old
+        _restore(saved.pop(id(module), []))
         return output
 
     for m in model.modules():
@@ -62,12 +58,16 @@ def fp32_compute(model: nn.Module):
         for h in handles:
             h.remove()
         for kept in saved.values():  # a forward that raised: restore what its modules upcast
-            for owner, old in kept:
-                if isinstance(owner, torch.Tensor):
-                    owner.data = old
-                else:
-                    owner.compute_dtype = old
+            _restore(kept)
         saved.clear()
+
+
+def _restore(kept) -> None:
+    for owner, old in kept:
+        if isinstance(owner, torch.Tensor):
+            owner.data = old
+        else:
+            owner.compute_dtype = old
 
 
 def runs_in_half(model: nn.Module) -> bool:

@@ -385,21 +385,10 @@ def _walk(d: dict, prefix: str = ""):
 def pretrained_json(name_or_path: str | None, filename: str) -> dict | None:
     """A JSON file of a pretrained model (config.json, tokenizer_config.json) from its local directory or, for a hub
     id, the HF cache; None when it is not on this machine."""
-    if not name_or_path:
-        return None
-    p = Path(name_or_path) / filename
-    if not p.exists():  # a hub id: the file in the HF cache, if it is there
-        from huggingface_hub import try_to_load_from_cache
-        from huggingface_hub.utils import HFValidationError
+    from data.tokenizer import cached_pretrained_file
 
-        try:
-            cached = try_to_load_from_cache(name_or_path, filename)
-        except HFValidationError:
-            return None
-        if not isinstance(cached, str):
-            return None
-        p = Path(cached)
-    return json.loads(p.read_text()) if p.exists() else None
+    p = cached_pretrained_file(name_or_path, filename)
+    return json.loads(p.read_text()) if p is not None else None
 
 
 def model_type_of(cfg: RunConfig) -> str | None:
@@ -417,9 +406,7 @@ def position_limits(cfg: RunConfig) -> dict[str, int]:
     if isinstance(text_cfg.get("max_position_embeddings"), int):
         limits["max_position_embeddings"] = text_cfg["max_position_embeddings"]
     tok_src = cfg.data.tokenizer if cfg.data.tokenizer not in (None, "train_bpe") else cfg.model.name_or_path
-    tok_cfg = (pretrained_json(tok_src, "tokenizer_config.json") or {}) if tok_src and not str(tok_src).endswith(
-        (".json", ".model")) else {}
-    n = tok_cfg.get("model_max_length")
+    n = (pretrained_json(tok_src, "tokenizer_config.json") or {}).get("model_max_length")
     if isinstance(n, (int, float)) and 0 < n < 1e8:  # HF writes a huge sentinel when there is no limit
         limits["tokenizer model_max_length"] = int(n)
     return limits

@@ -12,8 +12,8 @@ from contextlib import nullcontext
 
 import torch
 
-from inference.loading import has_native_bf16
-from inference.modeling import ArenaClassifier, default_attn_implementation
+from inference.loading import has_native_bf16, placement_kwargs
+from inference.modeling import ArenaClassifier, default_attn_implementation, drop_unused_pooler
 
 from .config import RunConfig, model_type_of
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def train_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
     """The one place that decides the training dtype (the DeepSpeed config and zero.Init follow it): bf16 on GPUs
     with native bf16, fp32 elsewhere (CPU bf16 matmuls are slow and exact-resume tests need fp32)."""
-    native = device.type == "cuda" and has_native_bf16(device)
+    native = has_native_bf16(device)
     if cfg.model.dtype == "auto":
         if device.type == "cuda" and not native:
             # pre-Ampere (T4, V100): bf16 is only emulated (torch.cuda.is_bf16_supported() still says True);
@@ -91,10 +91,7 @@ def build_backbone(cfg: RunConfig, hf_cfg, dtype: torch.dtype, device: torch.dev
     # the pooled token only needs the backbone's hidden states: no KV cache while training (also keeps packed
     # position_ids detectable, see inference.modeling)
     backbone.config.use_cache = False
-    if getattr(backbone, "pooler", None) is not None:
-        # BERT-style encoders carry a pooler (dense + tanh over [CLS]) that the arena head never reads: it would get
-        # no gradient, sit in the optimizer and be exported as dead weight
-        backbone.pooler = None
+    drop_unused_pooler(backbone)
     if cfg.model.gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) without enable_input_require_grads, and with ZeRO-3 hooks
         kwargs = {"use_reentrant": False}
@@ -111,10 +108,7 @@ def pretrained_placement(cfg: RunConfig, dtype: torch.dtype, device: torch.devic
     of a node's 8 ranks would first build the whole model in host RAM (8 x 18.5 GB for Gemma2-9B in bf16)."""
     if cfg.deepspeed.zero_stage == 3 and not cfg.lora.qlora:
         return {}
-    kwargs = {"device_map": {"": str(device)}}
-    if cfg.lora.qlora:
-        kwargs["quantization_config"] = _bnb_4bit(dtype)
-    return kwargs
+    return placement_kwargs(str(device), _bnb_4bit(dtype) if cfg.lora.qlora else None)
 
 
 def _bnb_4bit(dtype: torch.dtype):
@@ -180,10 +174,8 @@ def build_model(cfg: RunConfig, tokenizer, hf_cfg, ds_config: dict, device: torc
 
         # No dtype= here: zero.Init then takes the dtype from ds_config's bf16/fp16 flags, which deepspeed_config
         # derived from train_dtype (the one place that decides). DeepSpeed 0.19.8 ignores an explicit dtype= on
-        # accelerators without fp16 (a CPU whose oneDNN lacks it) and uses bf16, mixing dtypes with the backbone.
-        if zero_init_dtype(ds_config) != dtype:
-            raise RuntimeError(f"DeepSpeed config would create parameters in {zero_init_dtype(ds_config)}, the run "
-                               f"trains in {dtype}: build ds_config with deepspeed_config(..., bf16=...) from train_dtype")
+        # accelerators without fp16 (a CPU whose oneDNN lacks it) and uses bf16, mixing dtypes with the backbone;
+        # check_param_dtypes below names any parameter that still ends up in another dtype.
         init_ctx = deepspeed.zero.Init(config_dict_or_path=ds_config)
     else:
         init_ctx = nullcontext()
@@ -196,15 +188,6 @@ def build_model(cfg: RunConfig, tokenizer, hf_cfg, ds_config: dict, device: torc
         model.reset_head()
     check_param_dtypes(model, dtype, skip_quantized=cfg.lora.qlora)
     return model
-
-
-def zero_init_dtype(ds_config: dict) -> torch.dtype:
-    """The dtype deepspeed.zero.Init creates parameters in when it is given the config and no dtype."""
-    if (ds_config.get("bf16") or {}).get("enabled"):
-        return torch.bfloat16
-    if (ds_config.get("fp16") or {}).get("enabled"):
-        return torch.float16
-    return torch.float32
 
 
 def check_param_dtypes(model, dtype: torch.dtype, skip_quantized: bool = False) -> None:

@@ -348,8 +348,6 @@ def summarize(curves: Curves, preds: Predictions | None, temperature: float | No
         single_ece_scaled=expected_calibration_error(single, y),
         prior_logloss=prior_log_loss(y),
         label_shares=[float(x) for x in np.bincount(y, minlength=3) / len(y)],
-        saved_probs_logloss=log_loss(preds.probs, y),
-        probs_match_logits=bool(np.allclose(preds.probs, raw, atol=1e-4)),
     )
     return s
 
