@@ -319,7 +319,7 @@ def _json_lines(path: Path, first_index: int = 0) -> Iterator[Record]:
             if not text.strip():
                 continue
             try:
-                data, error = json.loads(text), None
+                data, error = json.loads(text.rstrip("\r\n")), None
             except json.JSONDecodeError as e:
                 data, error = None, f"malformed JSON line ({e.msg} at column {e.colno})"
             yield Record(name, index, data, line=lineno, error=error)
