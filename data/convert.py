@@ -39,7 +39,7 @@ ID_COLUMN = {"chatbot-arena-conversations": "question_id", "ultrafeedback": "pro
 NEEDED_COLUMNS = {
     "chatbot-arena-conversations": ("question_id", "model_a", "model_b", "winner", "conversation_a", "conversation_b"),
     "ultrafeedback": ("prompt_id", "chosen", "rejected"),
-    "kaggle": ("id", "model_a", "model_b", *TEXT_COLUMNS, *LABEL_COLUMNS),
+    "kaggle": ("id", "model_a", "model_b", *TEXT_COLUMNS, *LABEL_COLUMNS, "source_id"),
 }
 WINNERS = {"model_a": 0, "model_b": 1, "tie": 2, "tie (bothbad)": 2}
 # Generated ids start above every Kaggle id (< 2**32) and stay below 2**53, so a float64 reader keeps them exact.
@@ -229,9 +229,11 @@ def kaggle_row(rec: dict, seed: int = 0) -> Converted:
     if problem:
         raise RowError(problem.column, problem.message)
     models = [clean_text(rec.get(c)) for c in ("model_a", "model_b")]
+    source = rec.get("source_id")  # a file this command wrote keeps its original source ids
+    source_id = clean_text(source).strip() if isinstance(source, (str, int)) and str(source).strip() else rid
     battle = Battle(int(rid) if rid.lstrip("-").isdigit() else rid, tuple(turns["prompt"]), tuple(turns["response_a"]),
                     tuple(turns["response_b"]), models[0], models[1], label)
-    return Converted(battle, rid)
+    return Converted(battle, source_id)
 
 
 CONVERTERS: dict[str, Callable[[dict, int], Converted]] = {
@@ -392,7 +394,7 @@ def iter_records(path: str | Path, fmt: str) -> Iterator[Record]:
             yield from _csv_file(f)
 
 
-def count_records(path: str | Path, fmt: str) -> int | None:
+def count_records(path: str | Path) -> int | None:
     """Rows in the input when cheap to know (Parquet metadata), for the progress bar; None otherwise."""
     files = input_files(Path(path))
     if not all(f.suffix.lower() == ".parquet" for f in files):
@@ -420,7 +422,7 @@ def convert_file(fmt: str, input_path: str | Path, out_path: str | Path, *, seed
     files = input_files(input_path)
     if out_path.resolve() in {f.resolve() for f in files}:
         raise UsageError(f"{out_path}: the output would overwrite the input")
-    total = count_records(input_path, fmt)
+    total = count_records(input_path)
     total = min(total, limit) if total is not None and limit is not None else (total or limit)
     summary = Summary()
 

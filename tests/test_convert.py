@@ -157,6 +157,9 @@ def test_arena_conversations_parquet_to_valid_train_csv(tmp_path):
     rows = read_out(out)
     assert [row["source_id"] for row in rows] == [rec["question_id"] for rec in ARENA_GOOD]
     assert rows[1]["prompt"] == dump_turns(["Hola, ¿cómo estás?", "Y tú?"])
+    again = tmp_path / "again.csv"  # the output is itself a kaggle-format input: a fixed point, source ids kept
+    convert_file("kaggle", out, again)
+    assert again.read_text(encoding="utf-8") == out.read_text(encoding="utf-8")
 
 
 def test_json_jsonl_and_parquet_shards_give_the_same_rows(tmp_path):
