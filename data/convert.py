@@ -255,7 +255,7 @@ def convert_records(fmt: str, records: Iterable[Record], seed: int = 0) -> Itera
     if fmt not in CONVERTERS:
         raise UsageError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     convert, id_column = CONVERTERS[fmt], ID_COLUMN[fmt]
-    first_seen: dict[object, int] = {}
+    first_seen: dict[object, tuple[str, int]] = {}  # id -> (file, row) of its first occurrence
     for r in records:
         where = dict(line=r.line, row=r.index)
         if r.error is not None:
@@ -270,10 +270,12 @@ def convert_records(fmt: str, records: Iterable[Record], seed: int = 0) -> Itera
             yield Problem(r.file, str(e), row_id=_source_id(r.data, id_column), column=e.column, **where)
             continue
         if out.battle.id in first_seen:
-            yield Problem(r.file, f"duplicate id (first seen at row {first_seen[out.battle.id]})", row_id=out.source_id,
+            file, row = first_seen[out.battle.id]
+            at = f"row {row}" if file == r.file else f"{file} row {row}"
+            yield Problem(r.file, f"duplicate id (first seen at {at})", row_id=_source_id(r.data, id_column),
                           column=id_column, **where)
             continue
-        first_seen[out.battle.id] = r.index
+        first_seen[out.battle.id] = (r.file, r.index)
         yield out
 
 

@@ -166,7 +166,7 @@ def test_json_jsonl_and_parquet_shards_give_the_same_rows(tmp_path):
     outs = []
     (tmp_path / "shards").mkdir()
     write_parquet(tmp_path / "shards" / "train-00000-of-00002.parquet", ARENA_GOOD[:2])
-    write_parquet(tmp_path / "shards" / "train-00001-of-00002.parquet", ARENA_GOOD[2:])
+    second = write_parquet(tmp_path / "shards" / "train-00001-of-00002.parquet", ARENA_GOOD[2:])
     array = tmp_path / "arena.json"
     array.write_text(json.dumps(ARENA_GOOD, indent=1), encoding="utf-8")
     lines_as_json = write_jsonl(tmp_path / "arena_lines.json", ARENA_GOOD)  # what datasets' to_json writes
@@ -176,6 +176,11 @@ def test_json_jsonl_and_parquet_shards_give_the_same_rows(tmp_path):
         assert (s.records, s.written, s.problem_rows) == (4, 4, 0)
         outs.append(out.read_text(encoding="utf-8"))
     assert len(set(outs)) == 1
+    write_parquet(tmp_path / "shards" / "train-00002-of-00002.parquet", ARENA_GOOD[3:])  # a shard repeating a row
+    s = convert_file("chatbot-arena-conversations", tmp_path / "shards", tmp_path / "dup.csv")
+    assert (s.written, s.problem_rows) == (4, 1)
+    assert str(s.problems[0]) == (f"{tmp_path / 'shards' / 'train-00002-of-00002.parquet'}: row 0: id "
+                                  f"{ARENA_GOOD[3]['question_id']}: column question_id: duplicate id (first seen at {second} row 1)")
 
 
 def test_rows_that_cannot_be_converted_are_named_counted_and_strict_fails(tmp_path):
