@@ -301,3 +301,18 @@ def test_usage_and_file_errors_exit_2_or_1_without_traceback(tmp_path):
     pretty.write_text('{\n "question_id": "x"\n}\n')
     r = run_cli("convert", "--from", "chatbot-arena-conversations", pretty, "--out", out)
     assert r.returncode == 1 and f"{pretty}: line 1: expected a JSON array of records or JSON Lines" in r.stderr
+
+
+def test_files_written_by_datasets_convert_like_hand_written_ones(tmp_path):
+    """`datasets` is how users get these sets: its to_json (JSON Lines under a .json name) and to_parquet outputs."""
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(ARENA_GOOD)
+    ds.to_json(str(tmp_path / "hf.json"))
+    ds.to_parquet(str(tmp_path / "hf.parquet"))
+    reference = tmp_path / "ref.csv"
+    convert_file("chatbot-arena-conversations", write_jsonl(tmp_path / "ref.jsonl", ARENA_GOOD), reference)
+    for name in ("hf.json", "hf.parquet"):
+        out = tmp_path / f"{name}.csv"
+        s = convert_file("chatbot-arena-conversations", tmp_path / name, out)
+        assert (s.written, s.problem_rows) == (4, 0)
+        assert out.read_text(encoding="utf-8") == reference.read_text(encoding="utf-8")
