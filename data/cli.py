@@ -4,6 +4,7 @@
     arena-data sample --out data/sample --rows 2000     synthetic train/test/sample_submission in Kaggle format
     arena-data score --submission sub.csv --labels train.csv
     arena-data stats train.csv --tokenizer ../shared/tokenizers/llama3/tokenizer.model --max-length 2048
+    arena-data convert --from chatbot-arena-conversations arena.parquet --out external.csv
 """
 from __future__ import annotations
 
@@ -91,6 +92,43 @@ def _stats(args) -> int:
     return 0
 
 
+def _print_problems(summary, args, file) -> None:
+    for p in summary.problems:
+        print(p, file=file)
+    if summary.problem_rows > len(summary.problems):
+        print(f"... and {summary.problem_rows - len(summary.problems)} more", file=file)
+    if summary.problem_rows:
+        cols = ", ".join(f"{c} {n}" for c, n in summary.by_column.most_common())
+        print(f"{args.input}: {summary.problem_rows} row(s) could not be converted (by column: {cols})", file=file)
+
+
+def _convert(args) -> int:
+    from .convert import ConversionFailed, UsageError, convert_file
+    from .reading import LABEL_NAMES
+
+    if args.limit is not None and args.limit < 1:
+        print("arena-data convert: error: --limit must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        summary = convert_file(args.fmt, args.input, args.out, seed=args.seed, limit=args.limit, strict=args.strict,
+                               max_problems=MAX_PROBLEMS_SHOWN, progress=sys.stderr.isatty())
+    except UsageError as e:
+        print(f"arena-data convert: error: {e}", file=sys.stderr)
+        return 2
+    except ConversionFailed as e:
+        _print_problems(e.summary, args, sys.stderr)
+        if e.problems and e.problems[-1] not in e.summary.problems:
+            print(e.problems[-1], file=sys.stderr)
+        print(f"{args.input}: FAILED, {e.summary.records} records read, {e.summary.problem_rows} with problems, "
+              f"nothing written{' (--strict)' if args.strict else ''}", file=sys.stderr)
+        return 1
+    _print_problems(summary, args, sys.stderr)
+    labels = "  ".join(f"{name} {summary.labels[k]}" for k, name in enumerate(LABEL_NAMES))
+    print(f"wrote {args.out}: {summary.written} rows from {summary.records} records read as {args.fmt}, "
+          f"{summary.problem_rows} skipped  (labels: {labels})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arena-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,6 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json or tiktoken file (e.g. Llama 3 tokenizer.model)")
     t.add_argument("--max-length", type=int, default=2048, help="max_length for the truncation rate (default 2048)")
     t.set_defaults(func=_stats)
+    from .convert import FORMATS
+
+    cv = sub.add_parser(
+        "convert", help="convert an external preference dataset (arena conversations, UltraFeedback, Kaggle) to train.csv",
+        description="Convert a local copy of a public preference dataset into the competition's train.csv format "
+        "(JSON turn lists, one-hot winner columns), ready for `arena-data validate` and training. "
+        "Formats: chatbot-arena-conversations (lmsys/chatbot_arena_conversations), ultrafeedback "
+        "(HuggingFaceH4/ultrafeedback_binarized, a *_prefs split; the chosen reply goes to A or B by a seeded coin, "
+        "so there are no ties), kaggle (the competition's own columns, checked and passed through). External rows get "
+        "deterministic integer ids (>= 10**12) and keep their own id in a source_id column. By default rows that "
+        "cannot be converted are skipped, counted and named (file, row, id, column) and the command exits 0; "
+        "--strict makes any such row an error (exit 1, nothing written). Exit 2: bad options or paths.")
+    cv.add_argument("input", help="a .json (array or JSON Lines), .jsonl or .parquet file (.csv for --from kaggle), "
+                    "or a directory of .parquet shards")
+    cv.add_argument("--from", dest="fmt", required=True, choices=FORMATS, metavar="FORMAT",
+                    help=f"the input's dataset format: {', '.join(FORMATS)}")
+    cv.add_argument("--out", required=True, help="output CSV (written atomically)")
+    cv.add_argument("--seed", type=int, default=0, help="seed of the UltraFeedback A/B coin (default 0)")
+    cv.add_argument("--limit", type=int, default=None, help="read only the first N records (a quick look)")
+    cv.add_argument("--strict", action="store_true",
+                    help="fail (exit 1, write nothing) if any row cannot be converted; default: skip and count them")
+    cv.set_defaults(func=_convert)
     return p
 
 

@@ -34,11 +34,14 @@ class Problem:
     row_id: str | None = None
     column: str | None = None
     line: int | None = None  # 1-based line of the CSV record (header is line 1)
+    row: int | None = None  # 0-based record index in a JSON / Parquet input (the index pandas and datasets show)
 
     def __str__(self) -> str:
         where = [self.file]
         if self.line is not None:
             where.append(f"line {self.line}")
+        if self.row is not None:
+            where.append(f"row {self.row}")
         if self.row_id is not None:
             where.append(f"id {self.row_id}")
         if self.column is not None:
