@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -59,10 +58,10 @@ def sidecar(shard: int, of: int, test_rows: int, test: str | Path, test_sha256: 
 
 def write_sidecar(out: str | Path, info: dict) -> Path:
     """Atomically write the sidecar of shard output `out`."""
+    from .pseudo import write_atomic
+
     path = sidecar_path(out)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(info, indent=1) + "\n")
     return path
 
 
