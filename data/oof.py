@@ -104,17 +104,18 @@ def join_oof(runs: Sequence[FoldRun], train_ids: Sequence, train_name: str) -> n
     """(rows, 3) out-of-fold probabilities in `train_ids` order. Refuses overlapping ids (naming both run dirs),
     training ids no run predicted, and predicted ids that are not in the training file."""
     owner: dict[str, tuple[int, int]] = {}  # id -> (run, row)
-    problems = []
+    overlaps: dict[tuple[int, int], list[str]] = {}  # (earlier run, later run) -> shared ids
     for k, r in enumerate(runs):
         for j, rid in enumerate(r.ids):
             if rid in owner:
-                other = runs[owner[rid][0]]
-                problems.append(Problem(r.run_dir, f"id also predicted by {other.run_dir} (overlapping folds: "
-                                        f"valid_fold {other.valid_fold} and {r.valid_fold})", row_id=rid, column="id"))
-                if len(problems) >= 10:
-                    raise DataError(problems)
+                overlaps.setdefault((owner[rid][0], k), []).append(rid)
             else:
                 owner[rid] = (k, j)
+    problems = []
+    for (a, b), shared in overlaps.items():
+        ra, rb = runs[a], runs[b]
+        problems.append(Problem(rb.run_dir, f"id also predicted by {ra.run_dir} ({len(shared)} overlapping id(s); "
+                                f"valid_fold {ra.valid_fold} and {rb.valid_fold})", row_id=shared[0], column="id"))
     if problems:
         raise DataError(problems)
     want = [str(i) for i in train_ids]
