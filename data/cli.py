@@ -166,7 +166,8 @@ def _pseudo_label(args) -> int:
     print(f"dropped {sel.low_confidence} below --min-confidence {args.min_confidence:g}")
     print(f"dropped {sel.excluded} also in {', '.join(args.exclude) or '(no --exclude)'} (same texts, either A/B order)")
     if kept == 0:
-        raise DataError([Problem(args.data, "no row is left to write (lower --min-confidence?)")])
+        raise DataError([Problem(args.data, f"no row is left to write ({sel.low_confidence} below "
+                                 f"--min-confidence, {sel.excluded} excluded); nothing written")])
     records = [r for r, k in zip(records, sel.keep) if k]
     write_atomic(args.out, render(header, records, probs[sel.keep]))
     print(f"wrote {args.out}: {kept} rows with soft labels")

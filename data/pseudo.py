@@ -76,8 +76,9 @@ def raw_rows(path: str | Path) -> tuple[list[str], list[dict]]:
 
 
 def render(header: Sequence[str], records: Sequence[dict], probs: np.ndarray) -> str:
-    """The training CSV: id, the text columns, model_a/model_b when the data has them, the soft labels."""
-    cols = ["id", *TEXT_COLUMNS, *[c for c in OPTIONAL_COLUMNS if c in header], *LABEL_COLUMNS]
+    """The training CSV in Kaggle's column order: id, model_a/model_b when the data has them, the texts, the soft
+    labels (the probabilities as written by repr: exact floats)."""
+    cols = ["id", *[c for c in OPTIONAL_COLUMNS if c in header], *TEXT_COLUMNS, *LABEL_COLUMNS]
     buf = io.StringIO(newline="")
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
