@@ -164,7 +164,8 @@ def _pseudo_label(args) -> int:
     if unused:
         print(f"{args.predictions}: {unused} predicted id(s) are not in {args.data} (ignored)")
     print(f"dropped {sel.low_confidence} below --min-confidence {args.min_confidence:g}")
-    print(f"dropped {sel.excluded} also in {', '.join(args.exclude) or '(no --exclude)'} (same texts, either A/B order)")
+    where = ", ".join(args.exclude) or "(no --exclude)"
+    print(f"dropped {sel.excluded} also in {where} (same texts, either A/B order)")
     if kept == 0:
         raise DataError([Problem(args.data, f"no row is left to write ({sel.low_confidence} below "
                                  f"--min-confidence, {sel.excluded} excluded); nothing written")])
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=int, default=2048, help="max_length for the truncation rate (default 2048)")
     t.set_defaults(func=_stats)
 
-    o = sub.add_parser("oof", help="join k fold runs' validation predictions into one out-of-fold submission-format file",
+    o = sub.add_parser("oof", help="join k fold runs' validation predictions into one out-of-fold file",
                        description="Every row of the runs' training file (config.yaml data.train_csv) predicted once, "
                                    "by the run that held its fold out, as arena-predict would serve it (A/B-swap "
                                    "average at the export's temperature). Refuses overlapping folds, rows no run "
