@@ -231,8 +231,10 @@ def _blend(args) -> int:
     t = args.temperature or (fit_temperature(blend(rows, w), y) if args.fit_temperature else 1.0)
     final = log_loss(blend(rows, w, t), y)
     print(f"{len(y)} labelled rows of {args.labels}")
-    for (name, _, _), s, wi in zip(files, single, w):
-        print(f"  {name}: log loss {s:.4f}, weight {wi:.4f}")
+    labelled = {str(b.id) for b in battles}
+    for (name, fids, _), s, wi in zip(files, single, w):
+        extra = sum(str(i) not in labelled for i in fids)
+        print(f"  {name}: log loss {s:.4f}, weight {wi:.4f}" + (f" ({extra} unlabelled ids ignored)" if extra else ""))
     print(f"blend ({how}): log loss {plain:.4f}" + (f"; at temperature {t:.4f}: {final:.4f}" if t != 1.0 else ""))
     print(json.dumps({"weights": [round(float(x), 6) for x in w], "log_loss": round(final, 6),
                       "single": [round(s, 6) for s in single], "temperature": round(float(t), 6),

@@ -74,6 +74,15 @@ def test_cli_fit_prints_one_json_object_last_in_the_given_order(files, capsys):
     assert log_loss(blend([noise, good, other], res["weights"]), y) == pytest.approx(res["log_loss"], abs=1e-5)
 
 
+def test_cli_fit_counts_unlabelled_ids_it_ignores(files, tmp_path, capsys):
+    good = files["probs"][0]
+    more = write_sub(tmp_path / "more.csv", [*files["ids"], 77, 78], np.vstack([good, good[:2]]))
+    code, out, err = run_data(capsys, "blend", "--labels", files["labels"], "--predictions", files["good"], more)
+    assert code == 0, err
+    assert f"{more}: log loss" in out and "(2 unlabelled ids ignored)" in out
+    assert json.loads(out.strip().splitlines()[-1])["rows"] == len(files["ids"])
+
+
 def test_cli_fit_temperature_never_hurts(files, capsys):
     code, out, _ = run_data(capsys, "blend", "--labels", files["labels"], "--predictions", files["good"],
                             files["noise"], "--fit-temperature")
