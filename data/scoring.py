@@ -71,3 +71,27 @@ def score_submission(sub_path: str | Path, labels_path: str | Path) -> dict[str,
     probs = sub.loc[ids, list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
     y = np.array([b.label for b in battles])
     return {"log_loss": log_loss(probs, y), "accuracy": accuracy(probs, y), "rows": len(y), "uniform": math.log(3)}
+
+
+SUM_TOLERANCE = 1e-4  # a probability row may sum to 1 +- this (rounded CSV values); anything else is a wrong file
+
+
+def read_probabilities(path: str | Path, tol: float = SUM_TOLERANCE) -> tuple[list, np.ndarray]:
+    """(ids in file order, (rows, 3) float64 probabilities) of a submission-format file whose rows must sum to 1.
+
+    For commands that combine or relabel predictions (merge, oof, blend, pseudo-label): a row that does not sum to 1
+    means a wrong file (logits, a truncated write), so it is refused, naming file, id and columns; rows are returned
+    renormalised to sum to exactly 1. Raises DataError.
+    """
+    sub = read_submission(path)
+    probs = sub[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
+    sums = probs.sum(axis=1)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > tol)
+    if len(bad):
+        cols = "+".join(LABEL_COLUMNS)
+        problems = [Problem(str(path), f"probabilities sum to {sums[i]:.6g}, not 1 (tolerance {tol:g})",
+                            row_id=str(sub.index[i]), column=cols) for i in bad[:10]]
+        if len(bad) > 10:
+            problems.append(Problem(str(path), f"... {len(bad)} rows in total do not sum to 1", column=cols))
+        raise DataError(problems)
+    return list(sub.index), probs / sums[:, None]

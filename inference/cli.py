@@ -35,6 +35,9 @@ examples:
   arena-predict --model runs/gemma2 --model runs/llama3 --weights 0.6,0.4 --test test.csv --out sub.csv
   # a LoRA adapter export whose base model lives elsewhere
   arena-predict --model runs/llama3-lora --base-model /kaggle/input/llama-3-8b --test test.csv --out sub.csv
+  # a large file scored by 4 processes (e.g. a SLURM array: K=$SLURM_ARRAY_TASK_ID), then joined
+  arena-predict --model runs/tiny --test extra.csv --out probs.$K.csv --shard $K/4
+  arena-data merge probs.0.csv probs.1.csv probs.2.csv probs.3.csv --out probs.csv --test extra.csv
   # two CPU worker processes (what the tests use)
   arena-predict --model runs/tiny --test test.csv --out sub.csv --devices cpu:2 --time-budget 10m
 
@@ -55,6 +58,15 @@ def _duration(text: str):
 
     try:
         return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from data.shards import parse_shard
+
+    try:
+        return parse_shard(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -88,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-rows", type=int, default=64, metavar="N", help="rows per batch at most (%(default)s)")
     p.add_argument("--checkpoint-every", type=_duration, default=120.0, metavar="DURATION",
                    help="rewrite the partial submission this often (default 120 s)")
+    p.add_argument("--shard", type=_shard, metavar="K/N",
+                   help="score only slice K of N (K from 0; contiguous, sizes differ by at most one row) of the test "
+                        "rows, e.g. one per SLURM array task; --out then holds only those ids, plus OUT.shard.json "
+                        "for `arena-data merge`")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -100,7 +116,7 @@ def config_from_args(args):
         base_models=tuple(args.base_model), devices=args.devices, time_budget=args.time_budget,
         max_length=args.max_length, tta=args.tta, quantize=args.quantize, dtype=args.dtype,
         batch_tokens=args.batch_tokens, max_batch_rows=args.max_batch_rows,
-        checkpoint_every=args.checkpoint_every or 120.0,
+        checkpoint_every=args.checkpoint_every or 120.0, shard=args.shard,
     )
 
 

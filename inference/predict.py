@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from data.reading import Battle, read_battles
+from data.shards import file_sha256, shard_bounds, sidecar, sidecar_path, write_sidecar
 from inference import batching, budget
 from inference.loading import LoadSpec, ModelError, check_export, resolve_base_model
-from inference.submission import ensemble, resolve_prior, softmax, tta_average, validate_submission, write_submission
+from inference.submission import ensemble, resolve_prior, served_probs, validate_submission, write_submission
 
 log = logging.getLogger("arena.predict")
 
@@ -56,6 +57,7 @@ class PredictConfig:
     max_batch_rows: int = 64
     checkpoint_every: float = 120.0  # seconds between partial submissions
     depth: int = 2  # batches queued per worker, so a GPU never waits for the next one
+    shard: tuple[int, int] | None = None  # (K, N): score only slice K (from 0) of N of the test rows (data/shards.py)
 
     def __post_init__(self):
         if not self.models:
@@ -71,6 +73,8 @@ class PredictConfig:
             raise ValueError(f"--max-length {self.max_length} is too small (at least 64)")
         if self.batch_tokens is not None and self.batch_tokens < 64:
             raise ValueError(f"--batch-tokens {self.batch_tokens} is too small")
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise ValueError(f"--shard must be K/N with 0 <= K < N, got {self.shard[0]}/{self.shard[1]}")
 
 
 @dataclass
@@ -145,17 +149,8 @@ class Phase:
         return rows
 
     def probs(self) -> np.ndarray:
-        """(rows, 3) probabilities; NaN where this model has no prediction.
-
-        Training fits one temperature for the TTA average (`temperature`) and one for a single view
-        (`temperature_no_tta`): averaging the two views already softens the probabilities.
-        """
-        t_tta = float(self.meta.get("temperature") or 1.0)
-        t_one = float(self.meta.get("temperature_no_tta") or t_tta)
-        p = softmax(self.logits, t_one)
-        have_swap = np.all(np.isfinite(self.logits_swap), axis=1)
-        p[have_swap] = tta_average(softmax(self.logits[have_swap], t_tta), softmax(self.logits_swap[have_swap], t_tta))
-        return p
+        """(rows, 3) probabilities; NaN where this model has no prediction (see `served_probs`)."""
+        return served_probs(self.logits, self.logits_swap, self.meta)
 
 
 @dataclass
@@ -177,6 +172,13 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
 
     # 1. The test rows; odd rows are kept (predicted from what could be read) and named.
     battles = read_battles(cfg.test, lenient=True)
+    total_rows = len(battles)
+    if cfg.shard is not None:  # one contiguous slice; the sidecar written at the end lets arena-data merge check
+        sidecar_path(cfg.out).unlink(missing_ok=True)
+        start, stop = shard_bounds(total_rows, *cfg.shard)
+        battles = battles[start:stop]
+        if not battles:
+            raise InputError(f"--shard {cfg.shard[0]}/{cfg.shard[1]}: no rows ({cfg.test} has {total_rows} rows)")
     ids = [b.id for b in battles]
     messages: list[str] = []
     notes: list[str] = []
@@ -239,6 +241,8 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
         messages.insert(0, "no worker could load the model(s): every row got the prior; "
                            + "; ".join(sorted(set(loop.errors.values())))[:2000])
         code = EXIT_USAGE
+    if cfg.shard is not None and code != EXIT_USAGE:  # a usable shard: merge may take it
+        write_sidecar(cfg.out, sidecar(*cfg.shard, total_rows, cfg.test, file_sha256(cfg.test)))
     return PredictResult(Path(cfg.out), len(ids), code, messages, notes, time.monotonic() - t0, probs)
 
 

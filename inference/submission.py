@@ -53,6 +53,23 @@ def tta_average(probs: np.ndarray, probs_swapped: np.ndarray) -> np.ndarray:
     return 0.5 * (np.asarray(probs) + np.asarray(probs_swapped)[..., SWAP])
 
 
+def served_probs(logits: np.ndarray, logits_swap: np.ndarray | None, meta: dict) -> np.ndarray:
+    """What arena-predict serves for one model: (rows, 3) probabilities, NaN where a row has no logits.
+
+    Training fits one temperature for the TTA average (arena.json `temperature`) and one for a single view
+    (`temperature_no_tta`): averaging the two views already softens the probabilities. Rows with both views get the
+    A/B-swap average, rows with only the first view its softmax (arena-data oof serves validation rows the same way).
+    """
+    t_tta = float(meta.get("temperature") or 1.0)
+    t_one = float(meta.get("temperature_no_tta") or t_tta)
+    p = softmax(logits, t_one)
+    if logits_swap is None:
+        return p
+    have_swap = np.all(np.isfinite(logits_swap), axis=1)
+    p[have_swap] = tta_average(softmax(logits[have_swap], t_tta), softmax(logits_swap[have_swap], t_tta))
+    return p
+
+
 def ensemble(per_model: Sequence[np.ndarray], weights: Sequence[float], prior: np.ndarray) -> np.ndarray:
     """Weighted arithmetic mean of the models' probabilities, row by row.
 

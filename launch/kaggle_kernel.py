@@ -17,7 +17,7 @@ KERNEL_START = time.time()  # the Kaggle limit counts from the notebook's start,
 # --- paths and settings (edit these) -------------------------------------------------------------------------
 WHEELHOUSE = "/kaggle/input/arena-wheelhouse"  # dataset made by launch/build_wheelhouse.sh ("" to skip installing)
 MODELS = ["/kaggle/input/arena-gemma2-9b/export"]  # exported model dirs; several = an ensemble
-WEIGHTS = []  # ensemble weights, one per model (empty: equal)
+WEIGHTS = []  # ensemble weights, one per model in MODELS order (empty: equal); paste arena-data blend's "weights"
 BASE_MODELS = []  # base-model dirs for LoRA-adapter exports (one for all, or one per model)
 TEST_CSV = "/kaggle/input/llm-classification-finetuning/test.csv"
 OUT = "/kaggle/working/submission.csv"
