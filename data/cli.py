@@ -133,6 +133,9 @@ def _convert(args) -> int:
     labels = "  ".join(f"{name} {summary.labels[k]}" for k, name in enumerate(LABEL_NAMES))
     print(f"wrote {args.out}: {summary.written} rows from {summary.records} records read as {args.fmt}, "
           f"{summary.problem_rows} skipped  (labels: {labels})")
+    return 0
+
+
 def _oof(args) -> int:
     from inference.submission import write_submission
 
