@@ -107,18 +107,19 @@ def test_base_is_the_configs_output_dir_and_runners(tmp_path, fakes):  # noqa: F
 
 
 @pytest.mark.distributed
-def test_a_real_two_fold_run_validates_every_battle_once(tmp_path, sample_dir):
+def test_a_real_two_fold_run_validates_every_battle_once(tmp_path, sample_dir, tiny_tokenizer_dir):
     base = tmp_path / "cv"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CUDA_VISIBLE", "DRY_RUN", "FOLD", "RUNNER"))}
     env.update(OMP_NUM_THREADS="1", RUNNER="python", PYTHON=sys.executable)
     args = [str(ROOT / CONFIG), "2", f"data.train_csv={sample_dir / 'train.csv'}", f"output_dir={base}",
-            "train.max_steps=3", "train.eval_every=0", "train.save_every=0"]
+            f"data.tokenizer={tiny_tokenizer_dir}", "data.format.max_length=128", "data.eval_batch_size=32",
+            "train.max_steps=3", "train.eval_every=0", "train.save_every=0"]  # a shared tokenizer: one cache
     r = subprocess.run(["bash", str(KFOLD), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ids = [np.load(base / f"fold{k}" / "val_predictions.npz")["ids"] for k in (0, 1)]
     assert len(ids[0]) and len(ids[1]) and not set(ids[0]) & set(ids[1])
-    assert sorted(np.concatenate(ids)) == sorted(pd.read_csv(sample_dir / "train.csv")["id"])
+    assert sorted(np.concatenate(ids).tolist()) == sorted(pd.read_csv(sample_dir / "train.csv", dtype={"id": str})["id"])
     assert "2 of 2 folds finished (2 trained now)" in r.stdout
     assert r.stdout.strip().splitlines()[-1] == f"arena-data oof {base}/fold0 {base}/fold1 --out {base}/oof.csv"
     # run again: both folds are skipped, nothing trains
