@@ -85,6 +85,14 @@ def test_the_cli_reports_a_conflict_in_one_line(tiny_export_dir, sample_dir, tmp
     assert code == 2 and err.count("\n") == 1 and "model.tiny=null" in err
 
 
+def test_the_memory_plan_reads_the_shape_from_the_export(tiny_export_dir, sample_dir, tmp_path):
+    from training.plan import plan_for_config
+
+    cfg = cfg_with(sample_dir, tmp_path, f"model.init_from={tiny_export_dir}", *SOURCE)
+    plan = plan_for_config(cfg, gpus_per_node=1)  # GPU runs check it before starting
+    assert plan.fits and str(tiny_export_dir) in plan.render()
+
+
 def test_format_differences_name_each_changed_key():
     from data.template import FormatConfig
     from training.init_from import format_differences
