@@ -85,6 +85,22 @@ def test_the_cli_reports_a_conflict_in_one_line(tiny_export_dir, sample_dir, tmp
     assert code == 2 and err.count("\n") == 1 and "model.tiny=null" in err
 
 
+def test_a_tokenizer_larger_than_the_exports_embeddings_is_refused(tiny_export_dir, sample_dir, tmp_path):
+    from training.model import hf_config
+
+    class Tokenizer:  # only its size matters here
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    cfg = cfg_with(sample_dir, tmp_path, f"model.init_from={tiny_export_dir}", *SOURCE)
+    assert hf_config(cfg, Tokenizer(1024)).vocab_size == 1024  # the export's own config
+    with pytest.raises(ConfigError, match="data.tokenizer: 1025 tokens, but the embeddings .* hold 1024"):
+        hf_config(cfg, Tokenizer(1025))
+
+
 def test_the_memory_plan_reads_the_shape_from_the_export(tiny_export_dir, sample_dir, tmp_path):
     from training.plan import plan_for_config
 
