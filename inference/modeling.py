@@ -156,6 +156,13 @@ def save_head(model: ArenaClassifier, out_dir: str | Path, state: dict[str, torc
     save_file({k: v.float().contiguous() for k, v in state.items()}, str(Path(out_dir) / HEAD_FILE))
 
 
+def load_head_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The exported head's weights (fp32, safetensors only)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / HEAD_FILE))
+
+
 def head_config_from_meta(meta: dict[str, Any]) -> HeadConfig:
     return HeadConfig(**meta["head"])
 
@@ -212,7 +219,6 @@ def load_pretrained(
     base_model: for adapter exports, a local base-model directory that replaces arena.json's `base_model` (the
     training machine's path rarely exists where the model is served, e.g. on Kaggle).
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel
 
     model_dir = Path(model_dir)
@@ -230,7 +236,7 @@ def load_pretrained(
 
         backbone = PeftModel.from_pretrained(backbone, str(model_dir / "adapter"), is_trainable=False)
     model = ArenaClassifier(backbone, head_config_from_meta(meta))
-    model.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
+    model.head.load_state_dict(load_head_state(model_dir))
     model.head.to(device=device, dtype=torch.float32)  # the head stays fp32: cheap and keeps log-probs accurate
     if not from_pretrained_kwargs.get("quantization_config") and not from_pretrained_kwargs.get("device_map"):
         model.backbone.to(device)

@@ -134,7 +134,8 @@ def config_from_kwargs(kwargs: dict[str, Any]):
 def model_config_for(model_cfg: Any):
     """Resolve a run's `model` section (attribute access) to a transformers config, without weights or network.
 
-    Order: `architecture` name, then `tiny` kwargs, then a local directory with config.json, then a known hub id.
+    Order: `architecture` name, then `tiny` kwargs, then a local directory with config.json (name_or_path, or the
+    export of init_from), then a known hub id.
     Raises ValueError saying what to set when none applies.
     """
     arch = getattr(model_cfg, "architecture", None)
@@ -143,7 +144,7 @@ def model_config_for(model_cfg: Any):
     tiny = getattr(model_cfg, "tiny", None)
     if tiny:
         return config_from_kwargs(dict(tiny))
-    path = getattr(model_cfg, "name_or_path", None)
+    path = getattr(model_cfg, "name_or_path", None) or getattr(model_cfg, "init_from", None)  # an export is a model dir
     if path and (Path(path) / "config.json").is_file():
         return config_from_kwargs(json.loads((Path(path) / "config.json").read_text()))
     if path and str(path).lower() in HUB_IDS:

@@ -35,6 +35,10 @@ class ModelConfig:
     gradient_checkpointing: bool = True  # recompute activations in backward: ~30% slower, far less memory
     attn_implementation: str | None = None  # None: eager for Gemma2 / on CPU-unsafe cases, flash-attn 2 or sdpa else
     head: HeadConfig = field(default_factory=HeadConfig)  # classifier head (inference.modeling.HeadConfig)
+    # multi-stage training: an earlier run's export dir (output_dir/final: merged weights, not a LoRA adapter) whose
+    # backbone (architecture, weights) and tokenizer this run starts from; name_or_path and tiny stay unset
+    init_from: str | None = None
+    init_head: str = "keep"  # with init_from: "keep" the export's head (same shape required) or "reset" a fresh one
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class DataConfig:
     valid_fold: int | None = 0  # fold (of num_folds, prompt-grouped) held out when valid_csv is None; None: no eval
     num_folds: int = 5
     fold_seed: int = 0
-    tokenizer: str | None = None  # path, "train_bpe" (train one from train_csv), or None: model.name_or_path
+    tokenizer: str | None = None  # path, "train_bpe" (train one from train_csv), or None: model.name_or_path / init_from's
     bpe_vocab_size: int = 2048  # vocabulary of the train_bpe tokenizer
     format: FormatConfig = field(default_factory=FormatConfig)  # template and truncation (data.template)
     micro_batch_size: int = 1  # examples per rank per forward pass (padded batching); full swap doubles the rows
@@ -77,6 +81,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     export: str = "best"  # what final/ holds: "best" (lowest val log loss) or "last"
     temperature_scaling: bool = True  # fit a temperature on the validation logits, stored in arena.json
+    eval_at_start: bool = False  # evaluate before the first update: metrics row of step 0, val_predictions_start.npz
     stop_after_steps: int | None = None  # debug: end the process after this step without exporting (as if killed)
 
 
@@ -129,7 +134,7 @@ class RunConfig:
 
 # Keys that may differ between a checkpoint's config and the resuming run's (they do not change the loss curve).
 RESUMABLE_CHANGES = ("resume", "train.stop_after_steps", "train.log_every", "train.eval_every", "train.save_every",
-                     "train.keep_checkpoints", "wandb.", "hardware.")
+                     "train.keep_checkpoints", "train.eval_at_start", "wandb.", "hardware.")
 
 
 # ---------------------------------------------------------------------------------------------------- parsing
@@ -391,21 +396,27 @@ def pretrained_json(name_or_path: str | None, filename: str) -> dict | None:
     return json.loads(p.read_text()) if p is not None else None
 
 
+def pretrained_source(cfg: RunConfig) -> str | None:
+    """Where the backbone's config, weights and (by default) tokenizer come from: model.name_or_path, or the export
+    of model.init_from (an HF model directory too); None for a model built from model.tiny."""
+    return cfg.model.name_or_path or cfg.model.init_from
+
+
 def model_type_of(cfg: RunConfig) -> str | None:
     """The HF model_type, from model.tiny or the pretrained config.json (None if unknown without loading)."""
     if cfg.model.tiny:
         return cfg.model.tiny.get("model_type")
-    return (pretrained_json(cfg.model.name_or_path, "config.json") or {}).get("model_type")
+    return (pretrained_json(pretrained_source(cfg), "config.json") or {}).get("model_type")
 
 
 def position_limits(cfg: RunConfig) -> dict[str, int]:
     """The longest sequence the model and its tokenizer take, by source (what is known without loading)."""
     limits = {}
-    model_cfg = cfg.model.tiny or pretrained_json(cfg.model.name_or_path, "config.json") or {}
+    model_cfg = cfg.model.tiny or pretrained_json(pretrained_source(cfg), "config.json") or {}
     text_cfg = model_cfg.get("text_config") or model_cfg
     if isinstance(text_cfg.get("max_position_embeddings"), int):
         limits["max_position_embeddings"] = text_cfg["max_position_embeddings"]
-    tok_src = cfg.data.tokenizer if cfg.data.tokenizer not in (None, "train_bpe") else cfg.model.name_or_path
+    tok_src = cfg.data.tokenizer if cfg.data.tokenizer not in (None, "train_bpe") else pretrained_source(cfg)
     n = (pretrained_json(tok_src, "tokenizer_config.json") or {}).get("model_max_length")
     if isinstance(n, (int, float)) and 0 < n < 1e8:  # HF writes a huge sentinel when there is no limit
         limits["tokenizer model_max_length"] = int(n)
@@ -424,7 +435,11 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
         for key, p in (("data.train_csv", d.train_csv), ("data.valid_csv", d.valid_csv)):
             if p and not Path(p).exists():
                 raise err(key, f"file not found: {p}")
-    if bool(m.name_or_path) == bool(m.tiny):
+    if m.init_from is not None:
+        check_init_from(cfg, check_files)
+    elif m.init_head != "keep":
+        raise err("model.init_head", "only used with model.init_from")
+    elif bool(m.name_or_path) == bool(m.tiny):
         raise err("model", "set exactly one of model.name_or_path (pretrained) and model.tiny (built from config)")
     if m.tiny is not None and "model_type" not in m.tiny:
         raise err("model.tiny", "needs model_type (e.g. llama, gemma2)")
@@ -465,6 +480,8 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
     if t.export not in ("best", "last"):
         raise err("train.export", f"must be best or last, got {t.export!r}")
     has_valid = d.valid_csv is not None or d.valid_fold is not None
+    if t.eval_at_start and not has_valid:
+        raise err("train.eval_at_start", "evaluation needs data.valid_csv or data.valid_fold")
     if t.export == "best" and not has_valid:
         raise err("train.export", "best needs a validation set (data.valid_csv or data.valid_fold); use last")
     if t.eval_every and not has_valid:
@@ -495,3 +512,23 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
         raise err("resume", f"must be auto, never or an existing checkpoint directory, got {cfg.resume!r}")
     if cfg.hardware.gpu_memory_gb <= 0:
         raise err("hardware.gpu_memory_gb", "must be > 0")
+
+
+def check_init_from(cfg: RunConfig, check_files: bool = True) -> None:
+    """model.init_from excludes the other backbone sources and a freshly trained tokenizer (the export's embeddings
+    belong to its own); with check_files, the export itself is checked (training.init_from.check_source)."""
+    m = cfg.model
+    if m.init_head not in ("keep", "reset"):
+        raise ConfigError(f"model.init_head: must be keep or reset, got {m.init_head!r}")
+    for key, value, hint in (("model.tiny", m.tiny, "model.tiny=null"),
+                             ("model.name_or_path", m.name_or_path, "model.name_or_path=null")):
+        if value:
+            raise ConfigError(f"{key}: conflicts with model.init_from={m.init_from} (the export defines the backbone: "
+                              f"its architecture and weights); set {hint}")
+    if cfg.data.tokenizer == "train_bpe":
+        raise ConfigError("data.tokenizer: train_bpe conflicts with model.init_from (the export's embeddings belong to "
+                          "its own tokenizer); set data.tokenizer=null to use the export's tokenizer")
+    if check_files:
+        from .init_from import check_source
+
+        check_source(cfg)

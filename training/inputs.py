@@ -14,7 +14,7 @@ import numpy as np
 
 from data.reading import SWAP_CLASSES
 
-from .config import RunConfig
+from .config import RunConfig, pretrained_source
 from .distributed import Dist
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def prepare_tokenizer(cfg: RunConfig, dist: Dist):
     resume, so a resumed run sees the same ids)."""
     from data.tokenizer import load_tokenizer, train_bpe_tokenizer
 
-    src = cfg.data.tokenizer or cfg.model.name_or_path
+    src = cfg.data.tokenizer or pretrained_source(cfg)  # with model.init_from: the export's tokenizer
     if src != "train_bpe":
         return load_tokenizer(src)
     out = Path(cfg.output_dir) / "tokenizer"

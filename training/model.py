@@ -15,7 +15,7 @@ import torch
 from inference.loading import has_native_bf16, placement_kwargs
 from inference.modeling import ArenaClassifier, default_attn_implementation, drop_unused_pooler
 
-from .config import RunConfig, model_type_of
+from .config import ConfigError, RunConfig, model_type_of, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,13 @@ def hf_config(cfg: RunConfig, tokenizer):
         model_type = kw.pop("model_type")
         special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
         return AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **{**special, **kw})
+    if cfg.model.init_from:
+        hf_cfg = AutoConfig.from_pretrained(cfg.model.init_from, local_files_only=True)
+        vocab = getattr(hf_cfg, "vocab_size", None) or hf_cfg.get_text_config().vocab_size
+        if len(tokenizer) > vocab:  # ids beyond the embedding table would fail (or read garbage) mid-run
+            raise ConfigError(f"data.tokenizer: {len(tokenizer)} tokens, but the embeddings of model.init_from="
+                              f"{cfg.model.init_from} hold {vocab}; use the export's tokenizer (data.tokenizer=null)")
+        return hf_cfg
     return AutoConfig.from_pretrained(cfg.model.name_or_path)
 
 
@@ -86,8 +93,10 @@ def build_backbone(cfg: RunConfig, hf_cfg, dtype: torch.dtype, device: torch.dev
     if cfg.model.tiny:
         backbone = AutoModel.from_config(hf_cfg, attn_implementation=attn, dtype=dtype)
     else:
-        backbone = AutoModel.from_pretrained(cfg.model.name_or_path, dtype=dtype, attn_implementation=attn,
-                                             **pretrained_placement(cfg, dtype, device))
+        # an init_from export is an HF model directory: local safetensors only
+        local = {"local_files_only": True, "use_safetensors": True} if cfg.model.init_from else {}
+        backbone = AutoModel.from_pretrained(pretrained_source(cfg), dtype=dtype, attn_implementation=attn,
+                                             **local, **pretrained_placement(cfg, dtype, device))
     # the pooled token only needs the backbone's hidden states: no KV cache while training (also keeps packed
     # position_ids detectable, see inference.modeling)
     backbone.config.use_cache = False
@@ -185,7 +194,12 @@ def build_model(cfg: RunConfig, tokenizer, hf_cfg, ds_config: dict, device: torc
         model.head.to(dtype=dtype)
     with gathered(list(model.head.parameters()), modifier_rank=0):
         # rank 0's values are broadcast when the context exits, so every rank starts from the same head
-        model.reset_head()
+        if cfg.model.init_from and cfg.model.init_head == "keep":
+            from .init_from import load_head
+
+            load_head(model, cfg.model.init_from)  # shapes checked at config validation (init_from.check_source)
+        else:
+            model.reset_head()
     check_param_dtypes(model, dtype, skip_quantized=cfg.lora.qlora)
     return model
 

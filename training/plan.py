@@ -575,7 +575,8 @@ def inputs_from_config(cfg: Any, gpus_per_node: int, nodes: int) -> PlanInputs:
         m = dataclasses.replace(m, tiny={**tiny, "vocab_size": d.bpe_vocab_size}) if dataclasses.is_dataclass(m) else \
             _with(m, tiny={**tiny, "vocab_size": d.bpe_vocab_size})
     config = model_config_for(m)
-    name = getattr(m, "architecture", None) or getattr(m, "name_or_path", None) or f"tiny {config.model_type}"
+    name = (getattr(m, "architecture", None) or getattr(m, "name_or_path", None) or getattr(m, "init_from", None)
+            or f"tiny {config.model_type}")
     shape = Shape.of(config, name)
     b = _dtype_bytes(getattr(m, "dtype", "auto"))
     fmt = getattr(d, "format", None)

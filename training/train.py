@@ -41,6 +41,7 @@ from .model import (attn_implementation_of, build_model, count_params, hf_config
 log = logging.getLogger("training")
 
 PREDICTIONS_FILE = "val_predictions.npz"
+START_PREDICTIONS_FILE = "val_predictions_start.npz"  # train.eval_at_start: the model before the first update
 
 
 class NonFiniteLoss(RuntimeError):
@@ -64,6 +65,7 @@ def run(cfg: RunConfig) -> Path | None:
         from data.tokenizer import resolve_pretrained
 
         resolve_pretrained(cfg.model.name_or_path)
+    origin = _init_origin(cfg, dist)  # model.init_from: the export this run starts from (None otherwise)
 
     # ---- data
     tokenizer = prepare_tokenizer(cfg, dist)
@@ -104,9 +106,17 @@ def run(cfg: RunConfig) -> Path | None:
         sampler.load_state_dict(state["sampler"])
         _forget_best_after(out, state)
         log.info("resumed from %s at step %d", ckpt, state["step"])
-    _write_run_info(cfg, dist, model, splits, total_steps, steps_per_epoch)
+    _write_run_info(cfg, dist, model, splits, total_steps, steps_per_epoch, origin)
     logger = MetricsLogger(cfg, dist.is_main, state["step"] if ckpt is not None else None)
     last_good = ckpt
+    if cfg.train.eval_at_start and splits.valid is not None and ckpt is None:
+        # where the run starts (e.g. an init_from export's own validation log loss), before any update
+        ev = evaluate(engine, splits.valid, cfg, tokenizer.pad_token_id, dist)
+        logger.log({"step": 0, "val_logloss": ev["val_logloss"], "val_accuracy": ev["val_accuracy"],
+                    "val_logloss_no_tta": ev["val_logloss_no_tta"]})
+        if dist.is_main:
+            save_predictions(out / START_PREDICTIONS_FILE, ev)
+        log.info("validation log loss before the first update: %.4f", ev["val_logloss"])
 
     # ---- the loop: gas micro-batches per optimizer step; DeepSpeed scales, reduces, clips and steps
     stream = micro_batches(sampler, splits.train, collate, cfg.data.full_swap, dist.world_size)
@@ -158,7 +168,7 @@ def run(cfg: RunConfig) -> Path | None:
             if state["best_val"] is None or ev["val_logloss"] < state["best_val"]:
                 state["best_val"], state["best_step"] = ev["val_logloss"], step
                 if cfg.train.export == "best":
-                    _export(engine.module, cfg, tokenizer, dist, out / "best", ev, step, splits.prior)
+                    _export(engine.module, cfg, tokenizer, dist, out / "best", ev, step, splits.prior, origin)
             if cfg.train.export == "last":
                 preds = ev
         if step % cfg.train.log_every == 0 or "val_logloss" in record or step == total_steps:
@@ -180,7 +190,7 @@ def run(cfg: RunConfig) -> Path | None:
         replace_dir(out / "best", final)
         preds = dict(np.load(final / PREDICTIONS_FILE))
     elif cfg.train.export == "last":
-        _export(engine.module, cfg, tokenizer, dist, final, preds, state["step"], splits.prior)
+        _export(engine.module, cfg, tokenizer, dist, final, preds, state["step"], splits.prior, origin)
     dist.barrier()
     if dist.is_main:
         finish_export(cfg, final, preds)
@@ -215,9 +225,12 @@ def evaluate(engine, ds, cfg: RunConfig, pad_id: int, dist: Dist) -> dict:
             "probs": probs, "labels": labels, "ids": np.asarray(ds["id"])}
 
 
-def _export(module, cfg, tokenizer, dist, out_dir: Path, ev: dict | None, step: int, prior) -> None:
+def _export(module, cfg, tokenizer, dist, out_dir: Path, ev: dict | None, step: int, prior,
+            origin: dict | None = None) -> None:
     """Export (collective) and, on rank 0, store the exported model's validation predictions next to it."""
     extra = {"step": step, "prior": prior}
+    if origin is not None:
+        extra["init_from"] = origin
     if ev is not None:
         extra["val_logloss"] = ev["val_logloss"]
     export_model(module, cfg, tokenizer, dist, out_dir, **extra)
@@ -277,13 +290,29 @@ def _forget_best_after(out: Path, state: dict) -> None:
         state["best_val"] = state["best_step"] = None
 
 
-def _write_run_info(cfg, dist: Dist, model, splits, total_steps: int, steps_per_epoch: int) -> None:
+def _init_origin(cfg: RunConfig, dist: Dist) -> dict | None:
+    """model.init_from: the source export's record (path, step, val log loss); warns when the run's template differs
+    from the one the export was trained with."""
+    if not cfg.model.init_from:
+        return None
+    from .init_from import check_source, format_differences, origin_record
+
+    meta = check_source(cfg)
+    changed = format_differences(meta.get("format") or {}, cfg.data.format.to_dict())
+    if changed and dist.is_main:
+        log.warning("data.format differs from the format model.init_from=%s was trained with (%s): the model will "
+                    "see another template", cfg.model.init_from, "; ".join(changed))
+    return origin_record(cfg, meta)
+
+
+def _write_run_info(cfg, dist: Dist, model, splits, total_steps: int, steps_per_epoch: int,
+                    origin: dict | None = None) -> None:
     counts = all_gather_objects(count_params(model), dist)
     if dist.is_main:
         info = {"world_size": dist.world_size, "device": str(dist.device), "zero_stage": cfg.deepspeed.zero_stage,
                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "train_rows": len(splits.train),
                 "valid_rows": len(splits.valid) if splits.valid is not None else 0, "prior": splits.prior,
-                "params_per_rank": counts}
+                "params_per_rank": counts, "init_from": origin}
         write_atomic(Path(cfg.output_dir) / "run_info.json", json.dumps(info, indent=2))
 
 
