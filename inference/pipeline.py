@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.pool import WorkerPool
+
 DECODERS_MSG = "--parallel pipeline supports decoder models (llama, gemma2, ...)"
 # 16-bit weight bytes times this is what a data-parallel fallback copy needs (bitsandbytes packing, scales,
 # fp16 embeddings/norms kept) plus activations; measured shapes of 4-bit NF4 / 8-bit loads of 8-9B models.
@@ -290,3 +292,365 @@ def load_stage(spec: dict, device: str, bounds: list[tuple[int, int]], s: int):
     Stage = _torch_stage_class()
     return Stage(config, a, b, list(holder.layers), rotary, embed=parts["embed"], norm=parts["norm"], head=head,
                  pooling=pooling).eval()
+
+
+# -- stage processes ----------------------------------------------------------------------------------------------
+def _stage_debug(s: int) -> dict:
+    from inference.worker import _debug_settings
+
+    debug = _debug_settings(-1)  # sleep and out-of-memory switches; worker exits are keyed by worker index
+    spec = os.environ.get("ARENA_DEBUG_STAGE_EXIT_AFTER", "")
+    if spec:
+        stage, n = spec.split(":")
+        debug["exit_after"] = int(n) if int(stage) == s else None
+    return debug
+
+
+class StageRunner:
+    """One stage's forward passes with the same recovery as worker.Runner: halve the micro-batch on out-of-memory
+    (a row that runs out alone gets NaN and is marked lost), and re-run rows whose half-precision output is not
+    finite in fp32 compute. Rows a previous stage had to run in fp32 arrive as fp32 hidden states (`up`) and stay
+    fp32 here."""
+
+    def __init__(self, stage, device: str, oom_above: int = 0):
+        self.stage, self.device, self.oom_above = stage, device, oom_above
+        self.ooms = 0
+        self.fp32_reruns = 0
+
+    def forward(self, x, mask):
+        import torch
+
+        from inference.worker import _oom_error
+
+        if self.oom_above and mask.numel() > self.oom_above:
+            raise _oom_error()(f"debug: {mask.numel()} tokens > ARENA_DEBUG_OOM_ABOVE={self.oom_above}")
+        with torch.inference_mode():
+            return self.stage(x.to(self.device), mask.to(self.device))
+
+    def _run(self, x, mask):
+        """(output, bool tensor of rows that ran out of memory even alone)."""
+        import torch
+
+        from inference.worker import _empty_cache, _oom_error
+
+        try:
+            return self.forward(x, mask), torch.zeros(len(mask), dtype=torch.bool)
+        except _oom_error():
+            self.ooms += 1
+            _empty_cache(self.device)
+            if len(mask) == 1:
+                shape = (1, 3) if self.stage.last else (1, mask.shape[1], self.stage.config.hidden_size)
+                dtype = torch.float32 if self.stage.last else next(self.stage.layers.parameters()).dtype
+                return torch.full(shape, float("nan"), dtype=dtype, device=self.device), torch.ones(1, dtype=torch.bool)
+            half = len(mask) // 2
+            (a, oa), (b, ob) = self._run(x[:half], mask[:half]), self._run(x[half:], mask[half:])
+            return torch.cat([a, b]), torch.cat([oa, ob])
+
+    def run(self, x, mask, up: dict, lost):
+        """(output, fp32 outputs by row for rows that need them downstream, lost rows)."""
+        import torch
+
+        from inference.upcast import fp32_compute, runs_in_half
+
+        out, oom = self._run(x, mask)
+        lost = set(lost) | set(np.flatnonzero(oom.numpy()).tolist())
+        if not runs_in_half(self.stage):
+            return out, {}, lost
+        finite = torch.isfinite(out.reshape(len(out), -1)).all(dim=1).cpu()
+        redo = {i: up[i] for i in up} | {i: x[i:i + 1] for i in range(len(mask))
+                                          if not finite[i] and i not in lost and i not in up}
+        new_up = {}
+        if redo:
+            with fp32_compute(self.stage), torch.inference_mode():
+                for i, xi in redo.items():
+                    r = self.stage(xi.to(self.device), mask[i:i + 1].to(self.device))
+                    if self.stage.last:
+                        out[i] = r[0].to(out.dtype)
+                    else:
+                        new_up[i] = r.float().cpu()
+            self.fp32_reruns += sum(1 for i in redo if i not in up)
+        return out, new_up, lost
+
+
+def _device_bytes(device: str) -> int | None:
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
+
+
+def stage_main(group: int, s: int, n_stages: int, device: str, threads: int, inbox, downstream, outbox,
+               micro_batches: int) -> None:
+    """Process entry point of stage `s`. Stage 0 reads the group's inbox (worker messages: "load", "batch",
+    "stop"); every stage forwards "load"/"stop" downstream; hidden states go down as ("micro", batch_id, j, m,
+    hidden, mask, fp32 rows, lost rows, busy seconds per stage, ooms, fp32 re-runs); the last stage answers the
+    main process like a worker: ("ready", group, model_idx, seconds, {"device_bytes": [...]}) and ("result", ...)."""
+    import gc
+
+    warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    debug = _stage_debug(s)
+    last = s == n_stages - 1
+    runner, current, own_load, done = None, None, 0.0, 0
+    partial_results: dict[int, dict] = {}
+    try:
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from inference.worker import _empty_cache, _parent_alive, _setup_device, pad_batch
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        _setup_device(device, threads)
+        while True:
+            try:
+                msg = inbox.get(timeout=5.0)
+            except queue.Empty:
+                if not _parent_alive():
+                    break
+                continue
+            kind = msg[0]
+            if kind == "stop":
+                if downstream is not None:
+                    downstream.put(("stop",))
+                break
+            if kind == "load":
+                _, k, spec = msg[:3]
+                if current == k:
+                    continue
+                bounds = msg[3] if len(msg) > 3 else plan_stages(spec["model_dir"], n_stages)
+                if downstream is not None:
+                    downstream.put(("load", k, spec, bounds))
+                runner = None
+                gc.collect()
+                _empty_cache(device)
+                t0 = time.perf_counter()
+                runner = StageRunner(load_stage(spec, device, bounds, s), device, debug["oom_above"])
+                current, own_load = k, time.perf_counter() - t0
+                if s == 0:
+                    _pass_loaded(downstream, outbox, group, k, own_load, [_device_bytes(device)])
+                continue
+            if kind == "loaded":
+                _, k, seconds, mems = msg
+                _pass_loaded(downstream if not last else None, outbox, group, k, max(seconds, own_load),
+                             mems + [_device_bytes(device)])
+                continue
+            if kind == "batch":
+                _, bid, k, seqs, pad_id = msg
+                if k != current:
+                    raise RuntimeError(f"batch for model {k} but model {current} is loaded")
+                ids, mask = pad_batch(seqs, pad_id)
+                chunks = [c for c in np.array_split(np.arange(len(seqs)), min(micro_batches, len(seqs))) if len(c)]
+                for j, rows in enumerate(chunks):
+                    rows_t = torch.as_tensor(rows)
+                    msg = ("micro", bid, j, len(chunks), ids[rows_t], mask[rows_t], {}, set(), [], 0, 0)
+                    done = _stage_step(runner, msg, downstream, outbox, group, last, partial_results, debug, done)
+                continue
+            if kind == "micro":
+                done = _stage_step(runner, msg, downstream, outbox, group, last, partial_results, debug, done)
+                continue
+            raise RuntimeError(f"stage {s}: unknown message {kind!r}")
+    except Exception:
+        outbox.put(("error", group, f"pipeline stage {s} ({device}): {traceback.format_exc()}"))
+        outbox.close()
+        outbox.join_thread()
+        raise SystemExit(1)
+
+
+def _pass_loaded(downstream, outbox, group, k, seconds, mems) -> None:
+    if downstream is not None:
+        downstream.put(("loaded", k, seconds, mems))
+    else:
+        outbox.put(("ready", group, k, seconds, {"device_bytes": mems}))
+
+
+def _stage_step(runner, msg, downstream, outbox, group, last, partial_results, debug, done) -> int:
+    """Run one micro-batch through this stage and pass it on (or, on the last stage, collect the batch's logits)."""
+    _, bid, j, m, x, mask, up, lost, busy, ooms, reruns = msg
+    t0 = time.perf_counter()
+    o0, r0 = runner.ooms, runner.fp32_reruns
+    out, up, lost = runner.run(x, mask, up, lost)
+    if not last:
+        out = out.cpu()  # a CPU tensor crosses the process boundary (shared memory); the next stage moves it on
+    busy = busy + [time.perf_counter() - t0]
+    ooms, reruns = ooms + runner.ooms - o0, reruns + runner.fp32_reruns - r0
+    if not last:
+        downstream.put(("micro", bid, j, m, out, mask, up, lost, busy, ooms, reruns))
+        if j == m - 1:
+            done = _batch_done(debug, done, outbox)
+        return done
+    logits = out.float().cpu().numpy()
+    if lost:
+        logits[sorted(lost)] = np.nan
+    acc = partial_results.setdefault(bid, {"parts": {}, "busy": None, "ooms": 0, "reruns": 0})
+    acc["parts"][j] = logits
+    acc["busy"] = busy if acc["busy"] is None else [a + b for a, b in zip(acc["busy"], busy)]
+    acc["ooms"] += ooms
+    acc["reruns"] += reruns
+    if len(acc["parts"]) < m:
+        return done
+    del partial_results[bid]
+    if debug["sleep"]:
+        time.sleep(debug["sleep"])
+        acc["busy"][-1] += debug["sleep"]
+    # a pipeline's steady throughput is set by its slowest stage, not by the sum of the stages
+    outbox.put(("result", group, bid, np.concatenate([acc["parts"][i] for i in range(m)]), max(acc["busy"]),
+                acc["ooms"], acc["reruns"]))
+    return _batch_done(debug, done, outbox)
+
+
+def _batch_done(debug, done: int, outbox) -> int:
+    done += 1
+    if debug["exit_after"] is not None and done >= debug["exit_after"]:
+        outbox.close()
+        outbox.join_thread()  # deliver what was finished, then die like a crashed process
+        os._exit(3)
+    return done
+
+
+def fallback_worker_main(quantize: str, index: int, device: str, threads: int, inbox, outbox) -> None:
+    """A data-parallel worker that loads every model quantized as `quantize` (the pipeline's fallback copy)."""
+    from inference.worker import worker_main
+
+    worker_main(index, device, threads, _QuantizingInbox(inbox, quantize), outbox)
+
+
+class _QuantizingInbox:
+    def __init__(self, inbox, quantize: str):
+        self.inbox, self.quantize = inbox, quantize
+
+    def get(self, timeout=None):
+        msg = self.inbox.get(timeout=timeout)
+        if msg[0] == "load":
+            msg = (msg[0], msg[1], {**msg[2], "quantize": self.quantize})
+        return msg
+
+
+# -- the main process's side --------------------------------------------------------------------------------------
+class StageGroup:
+    """The stage processes of one pipeline, seen as one process by WorkerPool (exitcode, join, terminate, kill):
+    any stage that exits makes the whole group exited."""
+
+    def __init__(self, processes):
+        self.processes = processes
+
+    @property
+    def exitcode(self):
+        codes = [p.exitcode for p in self.processes if p.exitcode is not None]
+        return next((c for c in codes if c != 0), codes[0] if codes else None)
+
+    def join(self, timeout=None):
+        end = None if timeout is None else time.monotonic() + timeout
+        for p in self.processes:
+            p.join(None if end is None else max(0.0, end - time.monotonic()))
+
+    def terminate(self):
+        for p in self.processes:
+            if p.exitcode is None:
+                p.terminate()
+
+    def kill(self):
+        for p in self.processes:
+            if p.exitcode is None:
+                p.kill()
+
+    def stop_survivors(self, wait: float = 5.0) -> None:
+        """Terminate the stages still running (their memory is needed by the fallback workers)."""
+        self.terminate()
+        self.join(wait)
+        self.kill()
+        self.join(1.0)
+
+
+class PipelinePool(WorkerPool):
+    """A WorkerPool whose only worker is a pipeline group over all devices (index 0); after the group dies, the
+    data-parallel fallback workers (indices 1..) join the pool."""
+
+    def __init__(self, devices: list[str], micro_batches: int = 4, fallback_quantize: str = "auto",
+                 model_bytes: int = 0):
+        super().__init__(devices)
+        self.micro_batches = micro_batches
+        self.fallback_quantize = fallback_quantize
+        self.model_bytes = model_bytes
+        self.device_bytes: list[int | None] | None = None  # per stage, reported with "ready"
+        self.links: list = []
+
+    def start(self, target=None) -> None:
+        from inference.pool import WorkerHandle, _environ, worker_visibility
+
+        n = len(self.devices)
+        self.links = [self.ctx.Queue() for _ in range(n)]  # links[0] is the group's inbox
+        threads = self._threads()
+        procs = []
+        for s, dev in enumerate(self.devices):
+            visible, local = worker_visibility(dev, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            down = self.links[s + 1] if s + 1 < n else None
+            p = self.ctx.Process(target=stage_main, args=(0, s, n, local, threads, self.links[s], down, self.outbox,
+                                                          self.micro_batches), daemon=True, name=f"arena-stage-{s}")
+            with _environ("CUDA_VISIBLE_DEVICES", visible):
+                p.start()
+            procs.append(p)
+        self.workers.append(WorkerHandle(0, f"pipeline over {','.join(self.devices)}", StageGroup(procs),
+                                         self.links[0]))
+
+    def _threads(self) -> int:
+        n_cpu = sum(d == "cpu" for d in self.devices)
+        return max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else 0
+
+    def get(self, timeout: float):
+        msg = super().get(timeout)
+        if msg is not None and msg[0] == "ready" and len(msg) > 4:
+            self.device_bytes = msg[4]["device_bytes"]
+            msg = msg[:4]
+        return msg
+
+    def newly_dead(self, grace: float = 1.0, now: float | None = None):
+        out = super().newly_dead(grace, now)
+        for w in out:
+            if isinstance(w.process, StageGroup):
+                w.process.stop_survivors()
+                w.note = self._start_fallback()
+        return out
+
+    def fallback_plan(self) -> tuple[str | None, str]:
+        """(quantize of the fallback copies or None, why)."""
+        q = self.fallback_quantize
+        if q == "off":
+            return None, "no data-parallel fallback (--fallback-quantize off)"
+        if q == "auto":
+            q = "4bit" if any(d.startswith("cuda") for d in self.devices) else "none"
+        mems = self.device_bytes or [None] * len(self.devices)
+        if any(d.startswith("cuda") for d in self.devices) and self.device_bytes is None:
+            mems = [None] * len(self.devices)  # never loaded: memory unknown, try (a failed load ends in the prior)
+        smallest = min((m for m in mems if m is not None), default=None)
+        if not fallback_fits(self.model_bytes, q, smallest):
+            need = (self.model_bytes * FALLBACK_FACTOR[q] + FALLBACK_OVERHEAD) / 1024**3
+            return None, (f"no data-parallel copy fits ({q}: ~{need:.1f} GB, a device has "
+                          f"{smallest / 1024**3:.1f} GB)")
+        return q, ""
+
+    def _start_fallback(self) -> str:
+        from inference.pool import WorkerHandle, _environ, worker_visibility
+
+        q, why = self.fallback_plan()
+        if q is None:
+            return f"pipeline group lost; {why}: the remaining rows get the prior"
+        threads = self._threads()
+        target = partial(fallback_worker_main, q)
+        for dev in self.devices:
+            i = len(self.workers)
+            inbox = self.ctx.Queue()
+            visible, local = worker_visibility(dev, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            p = self.ctx.Process(target=target, args=(i, local, threads, inbox, self.outbox), daemon=True,
+                                 name=f"arena-fallback-{i}")
+            with _environ("CUDA_VISIBLE_DEVICES", visible):
+                p.start()
+            self.workers.append(WorkerHandle(i, dev, p, inbox))
+        quant = "unquantized" if q == "none" else q
+        return (f"pipeline group lost; the remaining rows go to a data-parallel fallback: "
+                f"{len(self.devices)} worker(s) with {quant} copies on {','.join(self.devices)}")
+
+    def shutdown(self, wait: float) -> None:
+        super().shutdown(wait)
+        for q in self.links[1:]:
+            q.cancel_join_thread()
+            q.close()

@@ -56,6 +56,10 @@ class PredictConfig:
     max_batch_rows: int = 64
     checkpoint_every: float = 120.0  # seconds between partial submissions
     depth: int = 2  # batches queued per worker, so a GPU never waits for the next one
+    parallel: str = "data"  # "data": a model copy per device; "pipeline": one model split by layers (pipeline.py)
+    micro_batches: int = 4  # pipeline: micro-batches per batch, so both stages work at once
+    fallback_quantize: str = "auto"  # pipeline: copies for data-parallel workers if a stage dies (auto: 4bit on
+    # GPU, unquantized on the CPU; off: the remaining rows get the prior)
 
     def __post_init__(self):
         if not self.models:
@@ -71,6 +75,12 @@ class PredictConfig:
             raise ValueError(f"--max-length {self.max_length} is too small (at least 64)")
         if self.batch_tokens is not None and self.batch_tokens < 64:
             raise ValueError(f"--batch-tokens {self.batch_tokens} is too small")
+        if self.parallel not in ("data", "pipeline"):
+            raise ValueError(f"--parallel must be 'data' or 'pipeline', got {self.parallel!r}")
+        if self.micro_batches < 1:
+            raise ValueError(f"--micro-batches must be at least 1, got {self.micro_batches}")
+        if self.fallback_quantize not in ("auto", "4bit", "8bit", "none", "off"):
+            raise ValueError(f"--fallback-quantize must be auto, 4bit, 8bit, none or off, got {self.fallback_quantize!r}")
 
 
 @dataclass
@@ -198,7 +208,7 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     specs = [_load_spec(cfg, k, m, meta) for k, (m, meta) in enumerate(zip(cfg.models, metas))]
 
     # 3. Workers start loading their models while this process tokenizes.
-    from inference.pool import WorkerPool, parse_devices
+    from inference.pool import parse_devices
 
     try:
         devices = parse_devices(cfg.devices)
@@ -206,7 +216,7 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     except ValueError as e:
         raise InputError(str(e)) from None
     batch_tokens = cfg.batch_tokens or (8192 if devices[0].startswith("cuda") else 4096)
-    pool = WorkerPool(devices)
+    pool = _make_pool(cfg, devices)
     pool.start()
     log.info("%d worker(s) on %s; batch_tokens %d", len(devices), ",".join(devices), batch_tokens)
     modes = budget.ladder(cfg.tta)
@@ -252,6 +262,24 @@ def _preflight(cfg: PredictConfig, devices: list[str]) -> None:
         dtype = torch_dtype(cfg.dtype, d)
     if cfg.quantize != "none" and importlib.util.find_spec("bitsandbytes") is None:
         quantization_config(cfg.quantize, dtype)  # raises ImportError naming the pip extra
+    if cfg.parallel == "pipeline":
+        from inference.modeling import read_meta
+        from inference.pipeline import check_pipeline
+
+        for m in cfg.models:
+            check_pipeline(m, read_meta(m), len(devices), cfg.quantize)
+
+
+def _make_pool(cfg: PredictConfig, devices: list[str]):
+    """One worker per device (data), or one pipeline group over all devices that looks like one worker."""
+    if cfg.parallel == "data":
+        from inference.pool import WorkerPool
+
+        return WorkerPool(devices)
+    from inference.pipeline import PipelinePool, model_bytes_16bit
+
+    return PipelinePool(devices, cfg.micro_batches, cfg.fallback_quantize,
+                        max(model_bytes_16bit(m) for m in cfg.models))
 
 
 def _load_spec(cfg: PredictConfig, k: int, model_dir: str, meta: dict) -> LoadSpec:
@@ -479,7 +507,8 @@ class _Loop:
                 log.warning("worker %d: %d sequence(s) gave non-finite fp16 logits (overflow); re-run in fp32 "
                             "(%d so far)", index, reruns, self.fp32_reruns)
             self._store(b, logits)
-            (self.speed if (index, b.phase) in self.warm else self.first)[index].add(b.cost, seconds)
+            speeds = self.speed if (index, b.phase) in self.warm else self.first
+            speeds.setdefault(index, budget.Throughput()).add(b.cost, seconds)  # fallback workers join late
             self.warm.add((index, b.phase))
 
     def _store(self, b: InFlight, logits: np.ndarray) -> None:
@@ -515,6 +544,8 @@ class _Loop:
                f"batches{reason}; {rows_back} of its rows re-queued on the other workers")
         if given_up:
             msg += f"; {len(given_up)} rows lost (ids {_short(given_up)})"
+        if w.note:
+            msg += f"; {w.note}"
         if not self.pool.alive():
             msg += "; no worker is left"
         log.error("%s", msg)
