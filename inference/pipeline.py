@@ -274,6 +274,8 @@ def load_stage(spec: dict, device: str, bounds: list[tuple[int, int]], s: int):
     if last:
         holder.norm = parts["norm"]
     holder.to_empty(device=device)
+    for m in holder.modules():  # non-persistent buffers (Gemma2's embed_scale) are not in the weights: the
+        bb._init_weights(m)  # model's own init sets them (and random weights that the loaded ones replace)
     remapped = {k.replace(f"layers.{k.split('.')[1]}.", f"layers.{int(k.split('.')[1]) - a}.", 1)
                 if k.startswith("layers.") else k: v for k, v in state.items()}
     missing, unexpected = holder.load_state_dict(remapped, strict=False, assign=True)

@@ -89,3 +89,138 @@ def test_stages_in_sequence_equal_the_whole_model(family):
         model.backbone.config.sliding_window = 4096
         with torch.no_grad():
             assert (model(ids, attention_mask=mask) - whole).abs().max().item() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def gemma2_export_dir(tiny_tokenizer, tmp_path_factory):
+    from data.template import FormatConfig
+    from inference.modeling import save_pretrained
+
+    out = tmp_path_factory.mktemp("gemma2-export")
+    save_pretrained(tiny_classifier("gemma2"), tiny_tokenizer, out, FormatConfig(max_length=256).to_dict(),
+                    prior=[0.35, 0.35, 0.30])
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_stages_loaded_from_an_export_hold_only_their_part_and_equal_the_model(family, tiny_export_dir,
+                                                                               gemma2_export_dir):
+    from inference.loading import LoadSpec, load_model
+    from inference.pipeline import load_stage, plan_stages
+
+    export = tiny_export_dir if family == "llama" else gemma2_export_dir
+    bounds = plan_stages(export, 2)
+    assert bounds == [(0, 1), (1, 2)]
+    spec = {"model_dir": str(export), "base_model": None, "quantize": "none", "dtype": "auto"}
+    stages = [load_stage(spec, "cpu", bounds, s) for s in range(2)]
+    model, _ = load_model(LoadSpec(str(export), None), "cpu")
+    assert stages[0].embed is not None and stages[0].norm is None and stages[0].head is None
+    assert stages[1].embed is None and stages[1].norm is not None and stages[1].head is not None
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(stages[0]) + n_params(stages[1]) == n_params(model)  # nothing loaded twice, nothing missing
+    assert n_params(stages[0]) > n_params(stages[1])  # the embeddings live on stage 0 only
+    ids, mask = right_padded([60, 33, 5, 17])  # longer than Gemma2's sliding window (16), right padding
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask)
+        piped = stages[1](stages[0](ids, mask), mask)
+    assert (piped - whole).abs().max().item() < 1e-5
+
+
+def test_half_precision_overflow_in_a_stage_is_rerun_in_fp32():
+    """A row whose stage output overflows fp16 is re-run through that stage in fp32 compute and carried on in fp32."""
+    from inference.pipeline import StageRunner, split_model
+
+    model = tiny_classifier("llama")
+    ids, mask = right_padded([20, 12, 20])
+    ids[1, 0] = 2  # a token no other row has (right_padded draws from 3..)
+    with torch.no_grad():
+        # row 1 starts with a one-hot embedding (normalised to 8 on unit k) and one MLP unit reads unit k with
+        # weight 50 in gate and up: 8*50 squared = 160000 overflows fp16 (65504); other rows' unit k is ~N(0,1)
+        k = 5
+        emb = model.backbone.embed_tokens.weight
+        emb[2] = 0.0
+        emb[2, k] = 1.0
+        mlp = model.backbone.layers[0].mlp
+        mlp.gate_proj.weight[0, k] = 50.0
+        mlp.up_proj.weight[0, k] = 50.0
+        ref = model(ids, attention_mask=mask)
+        assert torch.isfinite(ref).all()
+        model.backbone.to(torch.float16)
+        stages = split_model(model, [(0, 1), (1, 2)])
+        runners = [StageRunner(s, "cpu") for s in stages]
+        h, up, lost = runners[0].run(ids, mask, {}, set())
+        assert not torch.isfinite(h[1]).all() and torch.isfinite(h[[0, 2]]).all()  # fp16 overflowed in row 1 only
+        assert set(up) == {1} and up[1].dtype == torch.float32 and not lost
+        logits, up2, lost = runners[1].run(h, mask, up, lost)
+    assert up2 == {} and runners[0].fp32_reruns == 1 and runners[1].fp32_reruns == 0
+    assert torch.isfinite(logits).all()
+    assert (logits[1] - ref[1]).abs().max().item() < 1e-4  # the re-run row: fp32 compute on fp16 weights
+    assert (logits[[0, 2]] - ref[[0, 2]]).abs().max().item() < 0.02  # fp16 rows: close to fp32
+
+
+def test_out_of_memory_halves_the_micro_batch_in_a_stage():
+    from inference.pipeline import StageRunner, split_model
+
+    model = tiny_classifier("llama")
+    ids, mask = right_padded([20, 20, 20, 20])
+    stages = split_model(model, [(0, 1), (1, 2)])
+    r = StageRunner(stages[0], "cpu", oom_above=45)  # 4 x 20 tokens do not "fit", 2 x 20 do
+    with torch.no_grad():
+        h, _, lost = r.run(ids, mask, {}, set())
+        logits = stages[1](h, mask)
+        ref = model(ids, attention_mask=mask)
+    assert r.ooms == 1 and not lost and (logits - ref).abs().max().item() < 1e-5
+    r = StageRunner(stages[0], "cpu", oom_above=10)  # not even one row fits: every row lost, NaN
+    h, _, lost = r.run(ids, mask, {}, set())
+    assert lost == {0, 1, 2, 3} and torch.isnan(h).all()
+
+
+def test_fallback_plan_quantizes_what_fits_else_the_prior():
+    from inference.pipeline import PipelinePool
+
+    gb = 1024**3
+    pool = PipelinePool(["cuda:0", "cuda:1"], model_bytes=int(18.5 * gb))  # Gemma2-9B fp16 on 2 x T4
+    pool.device_bytes = [15 * gb, 15 * gb]
+    assert pool.fallback_plan()[0] == "4bit"
+    pool.fallback_quantize = "none"
+    q, why = pool.fallback_plan()
+    assert q is None and "no data-parallel copy fits" in why
+    pool.fallback_quantize = "off"
+    assert pool.fallback_plan()[0] is None
+    cpu = PipelinePool(["cpu", "cpu"], model_bytes=int(18.5 * gb))
+    assert cpu.fallback_plan()[0] == "none"  # host RAM: the same weights, unquantized
+
+
+class _FakeProcess:
+    def __init__(self, exitcode):
+        self.exitcode = exitcode
+
+
+def test_a_group_is_exited_when_any_stage_is():
+    from inference.pipeline import StageGroup
+
+    assert StageGroup([_FakeProcess(None), _FakeProcess(None)]).exitcode is None
+    assert StageGroup([_FakeProcess(None), _FakeProcess(3)]).exitcode == 3
+    assert StageGroup([_FakeProcess(-15), _FakeProcess(None)]).exitcode == -15
+
+
+# -- usage errors (before any process starts) ---------------------------------------------------------------------
+def test_pipeline_usage_errors_exit_2(tiny_export_dir, sample_dir, tmp_path, capsys):
+    from data.template import FormatConfig
+    from inference.cli import main
+    from inference.modeling import ArenaClassifier, save_pretrained
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    cfg = BertConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    save_pretrained(ArenaClassifier(BertModel(cfg)), None, bert, FormatConfig(max_length=128).to_dict())
+    base = ["--test", str(sample_dir / "test.csv"), "--out", str(tmp_path / "sub.csv"), "--parallel", "pipeline"]
+    for extra, expect in [
+        (["--model", str(tiny_export_dir), "--devices", "cpu"], "needs at least 2 devices"),
+        (["--model", str(tiny_export_dir), "--devices", "cpu:2", "--quantize", "8bit"], "drop --quantize"),
+        (["--model", str(bert), "--devices", "cpu:2"], "supports decoder models (llama, gemma2, ...)"),
+        (["--model", str(tiny_export_dir), "--devices", "cpu:3"], "2 layers cannot be split over 3 devices"),
+    ]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert expect in err and "Traceback" not in err, err
