@@ -6,9 +6,9 @@ accuracy and speed); split by layers over the two T4s it runs in fp16 with no qu
 How it fits the rest: a pipeline group of stage processes looks like ONE worker to the dispatch loop
 (predict._Loop): stage 0 reads the group's inbox (the same messages a worker gets), pads each batch, cuts it into
 micro-batches and runs embeddings + its layers; hidden states travel to the next stage over a multiprocessing queue
-(CPU tensors: shared memory on the CPU, one device->host->device copy per micro-batch on GPUs, ~60 MB for a full
-Gemma2-9B batch, milliseconds over PCIe next to seconds of compute); the last stage applies final norm, pooling and
-the head and puts the logits in the shared outbox. Budget, checkpointing, TTA and ordering are therefore unchanged.
+as numpy arrays pickled by value (a copy through a pipe; on GPUs one device->host->device copy per micro-batch,
+~60 MB for a full Gemma2-9B batch, milliseconds over PCIe next to seconds of compute); the last stage applies final
+norm, pooling and the head and puts the logits in the shared outbox. Budget, checkpointing, TTA and ordering are therefore unchanged.
 
 Schedule: stage 0 never waits for the next stage (queue puts are asynchronous) and the loop keeps `depth` batches
 queued, so stage 1 works on micro-batch j while stage 0 runs micro-batch j+1, and on batch b while stage 0 starts
@@ -21,7 +21,7 @@ norm and head on the last).
 
 Faults: any stage process dying kills the group (pool.newly_dead reports it once); the surviving stages are stopped
 and, when a data-parallel copy fits the devices (quantized with --fallback-quantize on GPUs, the same weights on the
-CPU), one worker per device takes over the remaining rows; else no worker is left and they get the prior. Each stage
+CPU), one worker per distinct device takes over the remaining rows; else no worker is left and they get the prior. Each stage
 halves its micro-batch on out-of-memory like worker.Runner, and re-runs rows whose half-precision output is not
 finite through its own layers in fp32 compute (inference.upcast), passing fp32 hidden states on for those rows.
 
@@ -458,6 +458,25 @@ def stage_main(group: int, s: int, n_stages: int, device: str, threads: int, inb
         raise SystemExit(1)
 
 
+def _to_wire(t):
+    """A tensor as plain numpy data (pickled by value): torch's shared-memory tensor passing needs the sending
+    process alive when the receiver unpickles, so a dead stage 0 would also break the micro-batches it had sent."""
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return (str(t.dtype), t.view(torch.int16).numpy())
+    return (str(t.dtype), t.numpy())
+
+
+def _from_wire(w):
+    import torch
+
+    dtype, a = w
+    t = torch.from_numpy(a)
+    return t.view(getattr(torch, dtype.split(".")[1])) if dtype in ("torch.float16", "torch.bfloat16") else t
+
+
 def _pass_loaded(downstream, outbox, group, k, seconds, mems) -> None:
     if downstream is not None:
         downstream.put(("loaded", k, seconds, mems))
@@ -468,17 +487,19 @@ def _pass_loaded(downstream, outbox, group, k, seconds, mems) -> None:
 def _stage_step(runner, msg, downstream, outbox, group, last, partial_results, debug, done) -> int:
     """Run one micro-batch through this stage and pass it on (or, on the last stage, collect the batch's logits)."""
     _, bid, j, m, x, mask, up, lost, busy, ooms, reruns = msg
+    if isinstance(mask, tuple):  # from the previous stage's process
+        x, mask, up = _from_wire(x), _from_wire(mask), {i: _from_wire(v) for i, v in up.items()}
     t0 = time.perf_counter()
     o0, r0 = runner.ooms, runner.fp32_reruns
     out, up, lost = runner.run(x, mask, up, lost)
-    if not last:
-        out = out.cpu()  # a CPU tensor crosses the process boundary (shared memory); the next stage moves it on
     busy = busy + [time.perf_counter() - t0]
     ooms, reruns = ooms + runner.ooms - o0, reruns + runner.fp32_reruns - r0
     if not last:
-        downstream.put(("micro", bid, j, m, out, mask, up, lost, busy, ooms, reruns))
+        # one device->host copy per micro-batch; the next stage moves it onto its device
+        downstream.put(("micro", bid, j, m, _to_wire(out), _to_wire(mask), {i: _to_wire(v) for i, v in up.items()},
+                        lost, busy, ooms, reruns))
         if j == m - 1:
-            done = _batch_done(debug, done, outbox)
+            done = _batch_done(debug, done, outbox, downstream)
         return done
     logits = out.float().cpu().numpy()
     if lost:
@@ -500,9 +521,12 @@ def _stage_step(runner, msg, downstream, outbox, group, last, partial_results, d
     return _batch_done(debug, done, outbox)
 
 
-def _batch_done(debug, done: int, outbox) -> int:
+def _batch_done(debug, done: int, outbox, downstream=None) -> int:
     done += 1
     if debug["exit_after"] is not None and done >= debug["exit_after"]:
+        for q in [downstream] if downstream is not None else []:
+            q.close()
+            q.join_thread()
         outbox.close()
         outbox.join_thread()  # deliver what was finished, then die like a crashed process
         os._exit(3)
@@ -532,13 +556,24 @@ class StageGroup:
     """The stage processes of one pipeline, seen as one process by WorkerPool (exitcode, join, terminate, kill):
     any stage that exits makes the whole group exited."""
 
-    def __init__(self, processes):
+    def __init__(self, processes, devices=()):
         self.processes = processes
+        self.devices = list(devices) or ["?"] * len(processes)
+        self.first_exit: tuple[int, int] | None = None  # (stage, exit code) of the stage that ended the group
 
     @property
     def exitcode(self):
-        codes = [p.exitcode for p in self.processes if p.exitcode is not None]
-        return next((c for c in codes if c != 0), codes[0] if codes else None)
+        """The exit code of the first stage seen exited (not of the ones stopped after it), else None."""
+        if self.first_exit is None:
+            exited = [(s, p.exitcode) for s, p in enumerate(self.processes) if p.exitcode is not None]
+            if not exited:
+                return None
+            self.first_exit = next((e for e in exited if e[1] != 0), exited[0])
+        return self.first_exit[1]
+
+    def describe_exit(self) -> str:
+        s, code = self.first_exit if self.first_exit else (None, None)
+        return f"stage {s} ({self.devices[s]}) exited with code {code}" if s is not None else "a stage exited"
 
     def join(self, timeout=None):
         end = None if timeout is None else time.monotonic() + timeout
@@ -591,7 +626,7 @@ class PipelinePool(WorkerPool):
             with _environ("CUDA_VISIBLE_DEVICES", visible):
                 p.start()
             procs.append(p)
-        self.workers.append(WorkerHandle(0, f"pipeline over {','.join(self.devices)}", StageGroup(procs),
+        self.workers.append(WorkerHandle(0, f"pipeline over {','.join(self.devices)}", StageGroup(procs, self.devices),
                                          self.links[0]))
 
     def _threads(self) -> int:
@@ -610,7 +645,7 @@ class PipelinePool(WorkerPool):
         for w in out:
             if isinstance(w.process, StageGroup):
                 w.process.stop_survivors()
-                w.note = self._start_fallback()
+                w.note = f"{w.process.describe_exit()}; {self._start_fallback()}"
         return out
 
     def fallback_plan(self) -> tuple[str | None, str]:
@@ -636,9 +671,10 @@ class PipelinePool(WorkerPool):
         q, why = self.fallback_plan()
         if q is None:
             return f"pipeline group lost; {why}: the remaining rows get the prior"
-        threads = self._threads()
+        devices = list(dict.fromkeys(self.devices))  # one per device: cpu:2 is one CPU, all its cores
+        threads = max(1, os.cpu_count() or 1) if "cpu" in devices else 0
         target = partial(fallback_worker_main, q)
-        for dev in self.devices:
+        for dev in devices:
             i = len(self.workers)
             inbox = self.ctx.Queue()
             visible, local = worker_visibility(dev, os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -649,10 +685,13 @@ class PipelinePool(WorkerPool):
             self.workers.append(WorkerHandle(i, dev, p, inbox))
         quant = "unquantized" if q == "none" else q
         return (f"pipeline group lost; the remaining rows go to a data-parallel fallback: "
-                f"{len(self.devices)} worker(s) with {quant} copies on {','.join(self.devices)}")
+                f"{len(devices)} worker(s) with {quant} copies on {','.join(devices)}")
 
     def shutdown(self, wait: float) -> None:
         super().shutdown(wait)
+        for w in self.workers:  # a group reads as exited once one stage has: make sure none is left running
+            if isinstance(w.process, StageGroup):
+                w.process.stop_survivors(2.0)
         for q in self.links[1:]:
             q.cancel_join_thread()
             q.close()

@@ -1,6 +1,8 @@
 """--parallel pipeline: the layer split, stage-by-stage forward == one-device forward, and end to end on cpu:2."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -199,9 +201,13 @@ class _FakeProcess:
 def test_a_group_is_exited_when_any_stage_is():
     from inference.pipeline import StageGroup
 
-    assert StageGroup([_FakeProcess(None), _FakeProcess(None)]).exitcode is None
-    assert StageGroup([_FakeProcess(None), _FakeProcess(3)]).exitcode == 3
-    assert StageGroup([_FakeProcess(-15), _FakeProcess(None)]).exitcode == -15
+    procs = [_FakeProcess(None), _FakeProcess(None)]
+    group = StageGroup(procs, ["cuda:0", "cuda:1"])
+    assert group.exitcode is None
+    procs[1].exitcode = 3
+    assert group.exitcode == 3
+    procs[0].exitcode = -15  # stopped after the group was found dead: the first death is what is reported
+    assert group.exitcode == 3 and group.describe_exit() == "stage 1 (cuda:1) exited with code 3"
 
 
 # -- usage errors (before any process starts) ---------------------------------------------------------------------
@@ -224,3 +230,122 @@ def test_pipeline_usage_errors_exit_2(tiny_export_dir, sample_dir, tmp_path, cap
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert expect in err and "Traceback" not in err, err
+
+
+# -- end to end: two stage processes on the CPU -------------------------------------------------------------------
+REAL_ROWS = 60  # of the 999 real rows: tokenizing all of them twice costs minutes on 2 shared cores
+
+
+@pytest.fixture(scope="module")
+def real_rows(tmp_path_factory):
+    """The first real rows of the shared sample, plus two odd ones (malformed JSON, empty cells)."""
+    import csv
+
+    from tests.conftest import REAL_TRAIN
+
+    if not REAL_TRAIN.exists():
+        pytest.skip(f"real sample not found: {REAL_TRAIN}")
+    with open(REAL_TRAIN, newline="") as f:
+        rows = [{k: r[k] for k in ("id", "prompt", "response_a", "response_b")}
+                for _, r in zip(range(REAL_ROWS), csv.DictReader(f))]
+    rows += [{"id": "9000001", "prompt": '["hi"', "response_a": '["hello"]', "response_b": '["hey"]'},
+             {"id": "9000002", "prompt": "", "response_a": "", "response_b": ""}]
+    path = tmp_path_factory.mktemp("real") / "test.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "prompt", "response_a", "response_b"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_parallel_probs(tiny_export_dir, real_rows, tmp_path_factory):
+    from inference.predict import EXIT_OK, PredictConfig, predict
+    from tests.test_predict import read_sub
+
+    out = tmp_path_factory.mktemp("data") / "sub.csv"
+    result = predict(PredictConfig(models=(str(tiny_export_dir),), test=str(real_rows), out=str(out), devices="cpu",
+                                   time_budget=None, batch_tokens=2048))
+    assert result.exit_code == EXIT_OK, result.messages
+    return read_sub(out)[1]
+
+
+def test_pipeline_on_two_cpu_processes_equals_data_parallel_on_real_rows(data_parallel_probs, tiny_export_dir,
+                                                                          real_rows, tmp_path, capsys):
+    from inference.cli import main
+    from inference.submission import validate_submission
+    from tests.test_predict import read_sub, test_ids
+
+    out = tmp_path / "sub.csv"
+    code = main(["--model", str(tiny_export_dir), "--test", str(real_rows), "--out", str(out), "--devices", "cpu:2",
+                 "--parallel", "pipeline", "--micro-batches", "3", "--batch-tokens", "2048", "--time-budget", "none",
+                 "--log-level", "WARNING"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "odd input rows predicted best-effort (ids 9000001, 9000002)" in err  # odd rows: named, still scored
+    ids, probs = read_sub(out)
+    assert ids == test_ids(real_rows) and validate_submission(out, ids) == []
+    assert np.abs(probs - data_parallel_probs).max() < 1e-5
+    assert np.abs(probs - probs.mean(axis=0)).max() > 1e-3  # rows differ: not a constant (prior) file
+
+
+def test_killed_stage_hands_the_rows_to_a_data_parallel_fallback(data_parallel_probs, tiny_export_dir, real_rows,
+                                                                 tmp_path, monkeypatch):
+    from inference.predict import EXIT_DEGRADED, PredictConfig, predict
+    from inference.submission import validate_submission
+    from tests.test_predict import read_sub
+
+    monkeypatch.setenv("ARENA_DEBUG_STAGE_EXIT_AFTER", "1:2")  # the last stage dies after 2 batches
+    out = tmp_path / "sub.csv"
+    result = predict(PredictConfig(models=(str(tiny_export_dir),), test=str(real_rows), out=str(out),
+                                   devices="cpu:2", time_budget=None, batch_tokens=2048, parallel="pipeline"))
+    assert result.exit_code == EXIT_DEGRADED
+    text = "\n".join(result.messages)
+    assert "worker 0 (pipeline over cpu,cpu) died (exit code 3) after 2 batches" in text, text
+    assert "stage 1 (cpu) exited with code 3; pipeline group lost; the remaining rows go to a data-parallel " \
+           "fallback: 1 worker(s) with unquantized copies on cpu" in text, text
+    ids, probs = read_sub(out)
+    assert validate_submission(out, ids) == []
+    assert np.abs(probs - data_parallel_probs).max() < 1e-5  # nothing lost: the fallback scored the rest
+
+
+def test_killed_stage_without_fallback_gives_the_prior_and_says_so(tiny_export_dir, sample_dir, tmp_path,
+                                                                   monkeypatch, capsys):
+    from inference.cli import main
+    from inference.submission import validate_submission
+    from tests.test_predict import read_sub, test_ids
+
+    monkeypatch.setenv("ARENA_DEBUG_STAGE_EXIT_AFTER", "0:1")  # the first stage dies after sending 1 batch
+    out = tmp_path / "sub.csv"
+    code = main(["--model", str(tiny_export_dir), "--test", str(sample_dir / "test.csv"), "--out", str(out),
+                 "--devices", "cpu:2", "--parallel", "pipeline", "--fallback-quantize", "off", "--batch-tokens", "2048",
+                 "--time-budget", "none", "--log-level", "ERROR"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "DEGRADED: worker 0 (pipeline over cpu,cpu) died (exit code 3)" in err
+    assert "no data-parallel fallback (--fallback-quantize off): the remaining rows get the prior" in err
+    assert "rows got the prior" in err
+    ids, probs = read_sub(out)
+    assert ids == test_ids(sample_dir / "test.csv") and validate_submission(out, ids) == []
+    prior = np.all(np.isclose(probs, [0.35, 0.35, 0.30]), axis=1)
+    assert 0 < prior.sum() < len(ids)  # the batch that made it through stage 1 is scored, the rest is the prior
+
+
+def test_slow_pipeline_finishes_within_budget(tiny_export_dir, sample_dir, tmp_path, monkeypatch):
+    from inference.predict import EXIT_DEGRADED, PredictConfig, predict
+    from inference.submission import validate_submission
+    from tests.test_predict import test_ids
+
+    monkeypatch.setenv("ARENA_DEBUG_SLEEP_PER_BATCH", "1.5")
+    budget = 20.0
+    t0 = time.monotonic()
+    # 1024-token batches: 2 rows with TTA, 60 rows: 30 batches x 1.5 s in the one group > the budget
+    result = predict(PredictConfig(models=(str(tiny_export_dir),), test=str(sample_dir / "test.csv"),
+                                   out=str(tmp_path / "sub.csv"), devices="cpu:2", parallel="pipeline",
+                                   time_budget=budget, batch_tokens=1024, checkpoint_every=2.0), t0=t0)
+    elapsed = time.monotonic() - t0
+    assert elapsed <= budget + 2.0, elapsed
+    assert result.exit_code == EXIT_DEGRADED
+    text = "\n".join(result.messages)
+    assert ("no TTA" in text and ("prior" in text or "max_length" in text)) or "time budget reached" in text
+    assert validate_submission(tmp_path / "sub.csv", test_ids(sample_dir / "test.csv")) == []
