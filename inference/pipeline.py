@@ -8,7 +8,8 @@ How it fits the rest: a pipeline group of stage processes looks like ONE worker 
 micro-batches and runs embeddings + its layers; hidden states travel to the next stage over a multiprocessing queue
 as numpy arrays pickled by value (a copy through a pipe; on GPUs one device->host->device copy per micro-batch,
 ~60 MB for a full Gemma2-9B batch, milliseconds over PCIe next to seconds of compute); the last stage applies final
-norm, pooling and the head and puts the logits in the shared outbox. Budget, checkpointing, TTA and ordering are therefore unchanged.
+norm, pooling and the head and puts the logits in the shared outbox. Budget, checkpointing, TTA and ordering are
+therefore unchanged.
 
 Schedule: stage 0 never waits for the next stage (queue puts are asynchronous) and the loop keeps `depth` batches
 queued, so stage 1 works on micro-batch j while stage 0 runs micro-batch j+1, and on batch b while stage 0 starts
@@ -21,9 +22,10 @@ norm and head on the last).
 
 Faults: any stage process dying kills the group (pool.newly_dead reports it once); the surviving stages are stopped
 and, when a data-parallel copy fits the devices (quantized with --fallback-quantize on GPUs, the same weights on the
-CPU), one worker per distinct device takes over the remaining rows; else no worker is left and they get the prior. Each stage
-halves its micro-batch on out-of-memory like worker.Runner, and re-runs rows whose half-precision output is not
-finite through its own layers in fp32 compute (inference.upcast), passing fp32 hidden states on for those rows.
+CPU), one worker per distinct device takes over the remaining rows; else no worker is left and they get the prior.
+Each stage halves its micro-batch on out-of-memory like worker.Runner, and re-runs rows whose half-precision output
+is not finite through its own layers in fp32 compute (inference.upcast), passing fp32 hidden states on for those
+rows.
 
 Debug switch (tests): ARENA_DEBUG_STAGE_EXIT_AFTER=1:2 makes stage 1 call os._exit(3) after finishing 2 batches;
 ARENA_DEBUG_SLEEP_PER_BATCH and ARENA_DEBUG_OOM_ABOVE apply per stage as in worker.py.
@@ -52,7 +54,8 @@ FALLBACK_OVERHEAD = 2 * 1024**3  # CUDA context, activations of a batch, allocat
 
 
 # -- the split (pure) ---------------------------------------------------------------------------------------------
-def split_layers(param_bytes_per_layer, n_stages: int, first_extra: int = 0, last_extra: int = 0) -> list[tuple[int, int]]:
+def split_layers(param_bytes_per_layer, n_stages: int, first_extra: int = 0,
+                 last_extra: int = 0) -> list[tuple[int, int]]:
     """Contiguous [start, end) layer ranges, one per stage, minimising the heaviest stage's bytes.
 
     `first_extra` (embeddings) counts on stage 0 and `last_extra` (final norm + head) on the last stage. Exact

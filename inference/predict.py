@@ -80,7 +80,8 @@ class PredictConfig:
         if self.micro_batches < 1:
             raise ValueError(f"--micro-batches must be at least 1, got {self.micro_batches}")
         if self.fallback_quantize not in ("auto", "4bit", "8bit", "none", "off"):
-            raise ValueError(f"--fallback-quantize must be auto, 4bit, 8bit, none or off, got {self.fallback_quantize!r}")
+            raise ValueError(f"--fallback-quantize must be auto, 4bit, 8bit, none or off, "
+                             f"got {self.fallback_quantize!r}")
 
 
 @dataclass

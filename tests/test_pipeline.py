@@ -270,6 +270,7 @@ def data_parallel_probs(tiny_export_dir, real_rows, tmp_path_factory):
     return read_sub(out)[1]
 
 
+@pytest.mark.distributed
 def test_pipeline_on_two_cpu_processes_equals_data_parallel_on_real_rows(data_parallel_probs, tiny_export_dir,
                                                                           real_rows, tmp_path, capsys):
     from inference.cli import main
@@ -289,6 +290,7 @@ def test_pipeline_on_two_cpu_processes_equals_data_parallel_on_real_rows(data_pa
     assert np.abs(probs - probs.mean(axis=0)).max() > 1e-3  # rows differ: not a constant (prior) file
 
 
+@pytest.mark.distributed
 def test_killed_stage_hands_the_rows_to_a_data_parallel_fallback(data_parallel_probs, tiny_export_dir, real_rows,
                                                                  tmp_path, monkeypatch):
     from inference.predict import EXIT_DEGRADED, PredictConfig, predict
@@ -309,6 +311,7 @@ def test_killed_stage_hands_the_rows_to_a_data_parallel_fallback(data_parallel_p
     assert np.abs(probs - data_parallel_probs).max() < 1e-5  # nothing lost: the fallback scored the rest
 
 
+@pytest.mark.distributed
 def test_killed_stage_without_fallback_gives_the_prior_and_says_so(tiny_export_dir, sample_dir, tmp_path,
                                                                    monkeypatch, capsys):
     from inference.cli import main
@@ -331,6 +334,7 @@ def test_killed_stage_without_fallback_gives_the_prior_and_says_so(tiny_export_d
     assert 0 < prior.sum() < len(ids)  # the batch that made it through stage 1 is scored, the rest is the prior
 
 
+@pytest.mark.distributed
 def test_slow_pipeline_finishes_within_budget(tiny_export_dir, sample_dir, tmp_path, monkeypatch):
     from inference.predict import EXIT_DEGRADED, PredictConfig, predict
     from inference.submission import validate_submission
