@@ -447,7 +447,8 @@ def stage_main(group: int, s: int, n_stages: int, device: str, threads: int, inb
                 chunks = [c for c in np.array_split(np.arange(len(seqs)), min(micro_batches, len(seqs))) if len(c)]
                 for j, rows in enumerate(chunks):
                     rows_t = torch.as_tensor(rows)
-                    msg = ("micro", bid, j, len(chunks), ids[rows_t], mask[rows_t], {}, set(), [], 0, 0)
+                    width = int(mask[rows_t].sum(dim=1).max())  # right padding: trailing columns only cost time
+                    msg = ("micro", bid, j, len(chunks), ids[rows_t, :width], mask[rows_t, :width], {}, set(), [], 0, 0)
                     done = _stage_step(runner, msg, downstream, outbox, group, last, partial_results, debug, done)
                 continue
             if kind == "micro":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +217,8 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     except ValueError as e:
         raise InputError(str(e)) from None
     batch_tokens = cfg.batch_tokens or (8192 if devices[0].startswith("cuda") else 4096)
+    if cfg.parallel == "pipeline":  # every stage holds a batch, and one more waits: no stage starves between batches
+        cfg = replace(cfg, depth=max(cfg.depth, len(devices) + 1))
     pool = _make_pool(cfg, devices)
     pool.start()
     log.info("%d worker(s) on %s; batch_tokens %d", len(devices), ",".join(devices), batch_tokens)
