@@ -166,7 +166,7 @@ def check_pipeline(model_dir: str, meta: dict, n_devices: int, quantize: str) ->
                          "drop --quantize or use --parallel data")
     if meta.get("adapter"):
         raise ValueError(f"{model_dir}: --parallel pipeline needs a full-weight export (this is a LoRA adapter "
-                         "export; export it merged, or use --parallel data)")
+                         "export: export with lora.merge_on_export: true, or use --parallel data)")
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     if cfg.get("model_type") in ENCODER_TYPES or "num_hidden_layers" not in cfg:
         raise ValueError(f"{DECODERS_MSG}; {model_dir} is a {cfg.get('model_type')!r} model")
@@ -266,8 +266,9 @@ def load_stage(spec: dict, device: str, bounds: list[tuple[int, int]], s: int):
     for f in weight_files(model_dir):
         with safe_open(str(f), "pt", device="cpu") as h:
             for k in h.keys():
-                if any(k.startswith(p) for p in keep):
-                    state[k] = h.get_tensor(k).to(device=device, dtype=dtype)
+                name = k[len("model."):] if k.startswith("model.") else k  # a *ForCausalLM checkpoint's prefix
+                if any(name.startswith(p) for p in keep):
+                    state[name] = h.get_tensor(k).to(device=device, dtype=dtype)
     parts = {"layers": [bb.layers[i] for i in range(a, b)], "embed": bb.embed_tokens if first else None,
              "norm": bb.norm if last else None}
     holder = torch.nn.Module()

@@ -211,6 +211,14 @@ def test_a_group_is_exited_when_any_stage_is():
 
 
 # -- usage errors (before any process starts) ---------------------------------------------------------------------
+def test_adapter_exports_are_refused_with_the_way_out(tiny_export_dir):
+    from inference.pipeline import check_pipeline
+
+    with pytest.raises(ValueError, match="lora.merge_on_export: true, or use --parallel data"):
+        check_pipeline(str(tiny_export_dir), {"adapter": True}, 2, "none")
+    check_pipeline(str(tiny_export_dir), {"adapter": False}, 2, "none")  # the full-weight export passes
+
+
 def test_pipeline_usage_errors_exit_2(tiny_export_dir, sample_dir, tmp_path, capsys):
     from data.template import FormatConfig
     from inference.cli import main
