@@ -261,32 +261,28 @@ def load_stage(spec: dict, device: str, bounds: list[tuple[int, int]], s: int):
         bb = AutoModel.from_config(config, attn_implementation=attn, dtype=dtype)
     a, b = bounds[s]
     first, last = s == 0, s == len(bounds) - 1
-    keep = [f"layers.{i}." for i in range(a, b)] + (["embed_tokens."] if first else []) + (["norm."] if last else [])
-    state = {}
-    for f in weight_files(model_dir):
-        with safe_open(str(f), "pt", device="cpu") as h:
-            for k in h.keys():
-                name = k[len("model."):] if k.startswith("model.") else k  # a *ForCausalLM checkpoint's prefix
-                if any(name.startswith(p) for p in keep):
-                    state[name] = h.get_tensor(k).to(device=device, dtype=dtype)
-    parts = {"layers": [bb.layers[i] for i in range(a, b)], "embed": bb.embed_tokens if first else None,
-             "norm": bb.norm if last else None}
-    holder = torch.nn.Module()
-    holder.layers = torch.nn.ModuleList(parts["layers"])
+    holder = torch.nn.Module()  # only this stage's modules leave the meta device
+    holder.layers = torch.nn.ModuleList([bb.layers[i] for i in range(a, b)])
     if first:
-        holder.embed_tokens = parts["embed"]
+        holder.embed_tokens = bb.embed_tokens
     if last:
-        holder.norm = parts["norm"]
+        holder.norm = bb.norm
     holder.to_empty(device=device)
     for m in holder.modules():  # non-persistent buffers (Gemma2's embed_scale) are not in the weights: the
-        bb._init_weights(m)  # model's own init sets them (and random weights that the loaded ones replace)
-    remapped = {k.replace(f"layers.{k.split('.')[1]}.", f"layers.{int(k.split('.')[1]) - a}.", 1)
-                if k.startswith("layers.") else k: v for k, v in state.items()}
-    missing, unexpected = holder.load_state_dict(remapped, strict=False, assign=True)
-    missing = [m for m in missing if not m.endswith("inv_freq")]
-    if missing or unexpected:
-        raise RuntimeError(f"{model_dir}: stage {s} weights do not match the config (missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]})")
+        bb._init_weights(m)  # model's own init sets them (and random weights that the loaded ones overwrite)
+    targets = holder.state_dict(keep_vars=True)
+    loaded = set()
+    with torch.no_grad():  # one tensor at a time: device memory peaks at the stage's weights plus one tensor
+        for f in weight_files(model_dir):
+            with safe_open(str(f), "pt", device="cpu") as h:
+                for k in h.keys():
+                    name = _stage_key(k, a)
+                    if name in targets:
+                        targets[name].copy_(h.get_tensor(k))
+                        loaded.add(name)
+    missing = sorted(set(targets) - loaded)
+    if missing:
+        raise RuntimeError(f"{model_dir}: stage {s} weights missing from the export: {missing[:5]}")
     rotary = type(bb.rotary_emb)(config=config).to(device)  # buffers computed, not stored: build them for real
     head = None
     meta = read_meta(model_dir)
@@ -296,8 +292,18 @@ def load_stage(spec: dict, device: str, bounds: list[tuple[int, int]], s: int):
         head.to(device=device, dtype=torch.float32)  # fp32 head, as in modeling.load_pretrained
     pooling = resolve_pooling(meta.get("head", {}).get("pooling", "auto"), config.model_type)
     Stage = _torch_stage_class()
-    return Stage(config, a, b, list(holder.layers), rotary, embed=parts["embed"], norm=parts["norm"], head=head,
-                 pooling=pooling).eval()
+    return Stage(config, a, b, list(holder.layers), rotary, embed=holder.embed_tokens if first else None,
+                 norm=holder.norm if last else None, head=head, pooling=pooling).eval()
+
+
+def _stage_key(key: str, start: int) -> str:
+    """An export's weight name as the stage holds it: no 'model.' prefix (*ForCausalLM checkpoints), layer indices
+    counted from the stage's first layer (a layer of another stage gets an index the stage does not have)."""
+    name = key[len("model."):] if key.startswith("model.") else key
+    i = layer_of(name)
+    if name.startswith("layers.") and i is not None:
+        name = f"layers.{i - start}." + name.split(".", 2)[2]
+    return name
 
 
 # -- stage processes ----------------------------------------------------------------------------------------------

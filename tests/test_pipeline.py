@@ -48,6 +48,11 @@ def test_stage_bytes_groups_tensors_by_layer():
              "layers.1.input_layernorm.weight": 1, "norm.weight": 3}
     assert stage_bytes(sizes, 2) == ([10, 8], 100, 3)
     assert layer_of("model.layers.12.mlp.weight") == 12 and layer_of("norm.weight") is None
+    from inference.pipeline import _stage_key
+
+    assert _stage_key("model.layers.12.mlp.up_proj.weight", 10) == "layers.2.mlp.up_proj.weight"
+    assert _stage_key("layers.3.input_layernorm.weight", 4) == "layers.-1.input_layernorm.weight"  # not this stage's
+    assert _stage_key("embed_tokens.weight", 4) == "embed_tokens.weight"
 
 
 # -- stage-by-stage forward ---------------------------------------------------------------------------------------
