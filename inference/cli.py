@@ -38,6 +38,9 @@ examples:
   # a large file scored by 4 processes (e.g. a SLURM array: K=$SLURM_ARRAY_TASK_ID), then joined
   arena-predict --model runs/tiny --test extra.csv --out probs.$K.csv --shard $K/4
   arena-data merge probs.0.csv probs.1.csv probs.2.csv probs.3.csv --out probs.csv --test extra.csv
+  # Gemma2-9B in fp16 split by layers over both T4s (no quantization loss)
+  arena-predict --model /kaggle/input/gemma2-arena --test test.csv --out sub.csv --devices cuda:0,cuda:1 \\
+      --parallel pipeline
   # two CPU worker processes (what the tests use)
   arena-predict --model runs/tiny --test test.csv --out sub.csv --devices cpu:2 --time-budget 10m
 
@@ -85,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="submission.csv", metavar="SUB", help="submission to write (default %(default)s)")
     p.add_argument("--devices", default="auto",
                    help="auto (all GPUs, else one CPU worker), cuda:0,cuda:1, cpu, or cpu:N worker processes")
+    p.add_argument("--parallel", choices=("data", "pipeline"), default="data",
+                   help="data: one model copy per device (default); pipeline: one unquantized model split by layers "
+                        "over the devices (each holds about the same weight bytes; needs >= 2 devices, decoder "
+                        "models, full-weight exports; --quantize is refused), e.g. Gemma2-9B fp16 over 2 x T4")
+    p.add_argument("--micro-batches", type=int, default=4, metavar="M",
+                   help="pipeline: each batch is cut into M micro-batches so that all stages work at once "
+                        "(default %(default)s)")
+    p.add_argument("--fallback-quantize", choices=("auto", "4bit", "8bit", "none", "off"), default="auto",
+                   help="pipeline: if a stage dies, the remaining rows go to one data-parallel worker per device "
+                        "with a copy quantized like this, when it fits (auto: 4bit on GPUs, unquantized on the "
+                        "CPU); off, or no fit: they get the prior")
     p.add_argument("--time-budget", type=_duration, default=_duration("8h30m"), metavar="DURATION",
                    help="wall time from start, e.g. 8h30m, 90m, 600 (seconds), none (default 8h30m)")
     p.add_argument("--max-length", type=int, metavar="L",
@@ -116,7 +130,9 @@ def config_from_args(args):
         base_models=tuple(args.base_model), devices=args.devices, time_budget=args.time_budget,
         max_length=args.max_length, tta=args.tta, quantize=args.quantize, dtype=args.dtype,
         batch_tokens=args.batch_tokens, max_batch_rows=args.max_batch_rows,
-        checkpoint_every=args.checkpoint_every or 120.0, shard=args.shard,
+        checkpoint_every=args.checkpoint_every or 120.0, shard=args.shard, parallel=args.parallel,
+        micro_batches=args.micro_batches,
+        fallback_quantize=args.fallback_quantize,
     )
 
 

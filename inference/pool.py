@@ -88,6 +88,7 @@ class WorkerHandle:
     dead_since: float | None = None
     lost: bool = False  # death already handled
     stopping: bool = False
+    note: str = ""  # what replaced it when it died (a pipeline group's fallback), for the loss message
 
 
 class WorkerPool:

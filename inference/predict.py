@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,10 @@ class PredictConfig:
     checkpoint_every: float = 120.0  # seconds between partial submissions
     depth: int = 2  # batches queued per worker, so a GPU never waits for the next one
     shard: tuple[int, int] | None = None  # (K, N): score only slice K (from 0) of N of the test rows (data/shards.py)
+    parallel: str = "data"  # "data": a model copy per device; "pipeline": one model split by layers (pipeline.py)
+    micro_batches: int = 4  # pipeline: micro-batches per batch, so both stages work at once
+    fallback_quantize: str = "auto"  # pipeline: copies for data-parallel workers if a stage dies (auto: 4bit on
+    # GPU, unquantized on the CPU; off: the remaining rows get the prior)
 
     def __post_init__(self):
         if not self.models:
@@ -75,6 +79,13 @@ class PredictConfig:
             raise ValueError(f"--batch-tokens {self.batch_tokens} is too small")
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             raise ValueError(f"--shard must be K/N with 0 <= K < N, got {self.shard[0]}/{self.shard[1]}")
+        if self.parallel not in ("data", "pipeline"):
+            raise ValueError(f"--parallel must be 'data' or 'pipeline', got {self.parallel!r}")
+        if self.micro_batches < 1:
+            raise ValueError(f"--micro-batches must be at least 1, got {self.micro_batches}")
+        if self.fallback_quantize not in ("auto", "4bit", "8bit", "none", "off"):
+            raise ValueError(f"--fallback-quantize must be auto, 4bit, 8bit, none or off, "
+                             f"got {self.fallback_quantize!r}")
 
 
 @dataclass
@@ -200,7 +211,7 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     specs = [_load_spec(cfg, k, m, meta) for k, (m, meta) in enumerate(zip(cfg.models, metas))]
 
     # 3. Workers start loading their models while this process tokenizes.
-    from inference.pool import WorkerPool, parse_devices
+    from inference.pool import parse_devices
 
     try:
         devices = parse_devices(cfg.devices)
@@ -208,7 +219,9 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     except ValueError as e:
         raise InputError(str(e)) from None
     batch_tokens = cfg.batch_tokens or (8192 if devices[0].startswith("cuda") else 4096)
-    pool = WorkerPool(devices)
+    if cfg.parallel == "pipeline":  # every stage holds a batch, and one more waits: no stage starves between batches
+        cfg = replace(cfg, depth=max(cfg.depth, len(devices) + 1))
+    pool = _make_pool(cfg, devices)
     pool.start()
     log.info("%d worker(s) on %s; batch_tokens %d", len(devices), ",".join(devices), batch_tokens)
     modes = budget.ladder(cfg.tta)
@@ -256,6 +269,24 @@ def _preflight(cfg: PredictConfig, devices: list[str]) -> None:
         dtype = torch_dtype(cfg.dtype, d)
     if cfg.quantize != "none" and importlib.util.find_spec("bitsandbytes") is None:
         quantization_config(cfg.quantize, dtype)  # raises ImportError naming the pip extra
+    if cfg.parallel == "pipeline":
+        from inference.modeling import read_meta
+        from inference.pipeline import check_pipeline
+
+        for m in cfg.models:
+            check_pipeline(m, read_meta(m), len(devices), cfg.quantize)
+
+
+def _make_pool(cfg: PredictConfig, devices: list[str]):
+    """One worker per device (data), or one pipeline group over all devices that looks like one worker."""
+    if cfg.parallel == "data":
+        from inference.pool import WorkerPool
+
+        return WorkerPool(devices)
+    from inference.pipeline import PipelinePool, model_bytes_16bit
+
+    return PipelinePool(devices, cfg.micro_batches, cfg.fallback_quantize,
+                        max(model_bytes_16bit(m) for m in cfg.models))
 
 
 def _load_spec(cfg: PredictConfig, k: int, model_dir: str, meta: dict) -> LoadSpec:
@@ -483,7 +514,8 @@ class _Loop:
                 log.warning("worker %d: %d sequence(s) gave non-finite fp16 logits (overflow); re-run in fp32 "
                             "(%d so far)", index, reruns, self.fp32_reruns)
             self._store(b, logits)
-            (self.speed if (index, b.phase) in self.warm else self.first)[index].add(b.cost, seconds)
+            speeds = self.speed if (index, b.phase) in self.warm else self.first
+            speeds.setdefault(index, budget.Throughput()).add(b.cost, seconds)  # fallback workers join late
             self.warm.add((index, b.phase))
 
     def _store(self, b: InFlight, logits: np.ndarray) -> None:
@@ -519,6 +551,8 @@ class _Loop:
                f"batches{reason}; {rows_back} of its rows re-queued on the other workers")
         if given_up:
             msg += f"; {len(given_up)} rows lost (ids {_short(given_up)})"
+        if w.note:
+            msg += f"; {w.note}"
         if not self.pool.alive():
             msg += "; no worker is left"
         log.error("%s", msg)

@@ -22,6 +22,8 @@ BASE_MODELS = []  # base-model dirs for LoRA-adapter exports (one for all, or on
 TEST_CSV = "/kaggle/input/llm-classification-finetuning/test.csv"
 OUT = "/kaggle/working/submission.csv"
 QUANTIZE = "4bit"  # "none" | "8bit" | "4bit": a 9B model needs 8bit or 4bit on a 16 GB T4
+PARALLEL = "data"  # "data": a model copy per T4 | "pipeline": one fp16 model split by layers over both T4s (a 9B
+# model fits without quantization loss; set QUANTIZE = "none" with it, arena-predict refuses a quantized pipeline)
 TTA = True  # also score A/B-swapped inputs (dropped automatically when time runs short)
 MAX_LENGTH = 0  # 0: the model's training max_length
 BATCH_TOKENS = 0  # 0: arena-predict's default for the device
@@ -97,6 +99,7 @@ def budget_seconds(limit_hours, safety_minutes):
 def predict_command(devices, budget):
     cmd = [sys.executable, "-m", "inference", "--test", setting("TEST_CSV", TEST_CSV), "--out", setting("OUT", OUT),
            "--devices", devices, "--time-budget", str(budget), "--quantize", setting("QUANTIZE", QUANTIZE),
+           "--parallel", setting("PARALLEL", PARALLEL),
            "--tta" if setting("TTA", TTA) else "--no-tta"]
     for m in setting("MODELS", MODELS):
         cmd += ["--model", m]

@@ -16,11 +16,21 @@ def test_kaggle_kernel_builds_the_predict_command(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     cmd = [line for line in out.stdout.splitlines() if "-m inference" in line][0]
-    for part in ("--test /data/test.csv", "--devices cpu", "--quantize 4bit", "--no-tta", "--model /m/a --model /m/b",
+    for part in ("--test /data/test.csv", "--devices cpu", "--quantize 4bit", "--parallel data", "--no-tta", "--model /m/a --model /m/b",
                  "--weights 0.7,0.3", "--base-model /base", "--max-length 1536", "--time-budget "):
         assert part in cmd, (part, cmd)
     budget = int(cmd.split("--time-budget ")[1].split()[0])
     assert 8 * 3600 < budget < 9 * 3600 - 15 * 60  # the 9 h limit minus elapsed time and the safety margin
+
+
+def test_kaggle_kernel_passes_the_pipeline_option(tmp_path):
+    env = {**os.environ, "ARENA_DRY_RUN": "1", "ARENA_WHEELHOUSE": "", "ARENA_PARALLEL": "pipeline",
+           "ARENA_QUANTIZE": "none", "ARENA_OUT": str(tmp_path / "submission.csv")}
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "kaggle_kernel.py")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cmd = [line for line in out.stdout.splitlines() if "-m inference" in line][0]
+    assert "--parallel pipeline" in cmd and "--quantize none" in cmd, cmd
 
 
 def test_wheelhouse_recipe_excludes_torch_and_reads_setup_py():
