@@ -440,6 +440,7 @@ class _Loop:
         self.fp32_reruns = 0  # rows (views) whose half-precision logits overflowed and were re-run in fp32
         self.timed_out = False
         self.projection: float | None = None
+        self.wall: list[float] = []  # [time of the first result, cost finished since]: throughput with all overheads
 
     def run(self) -> None:
         last_checkpoint = last_log = time.monotonic()
@@ -486,7 +487,7 @@ class _Loop:
 
     def _choose_mode(self, now: float) -> None:
         """Phase 1's mode: the least shortened max_length whose first views all fit (swaps are not reserved)."""
-        if self.hard_stop is None:
+        if self.hard_stop is None or not any(ph.has_pending() for ph in self.phases):
             return
         rate = self._rate()
         inflight = sum(b.cost for b in self.inflight.values())
@@ -562,9 +563,14 @@ class _Loop:
         rate = self._rate()
         if self.hard_stop is None or rate is None:
             return None
+        now = time.monotonic()
+        if len(self.wall) == 2 and self.wall[1] > 0 and now > self.wall[0]:
+            # swaps are optional work admitted up to the deadline: trust the wall-clock rate (dispatch, transfers,
+            # a busy host) where it is lower than the workers' own compute rate
+            rate = min(rate, self.wall[1] / (now - self.wall[0]))
         later = sum(q.remaining_cost(self.modes[self.mode]) for q in self.phases[ph.k + 1:])
         inflight = sum(b.cost for b in self.inflight.values())
-        seconds = self.hard_stop - time.monotonic() - self._load_seconds_ahead(ph.k)
+        seconds = self.hard_stop - now - self._load_seconds_ahead(ph.k)
         return max(0.0, seconds * rate - inflight - later)
 
     def _send_swaps(self, w, ph: Phase) -> None:
@@ -638,6 +644,10 @@ class _Loop:
                 log.warning("worker %d: %d sequence(s) gave non-finite fp16 logits (overflow); re-run in fp32 "
                             "(%d so far)", index, reruns, self.fp32_reruns)
             self._store(b, logits)
+            if self.wall:
+                self.wall[1] += b.cost
+            else:
+                self.wall = [time.monotonic(), 0.0]
             (self.speed if (index, b.phase) in self.warm else self.first)[index].add(b.cost, seconds)
             self.warm.add((index, b.phase))
 
