@@ -274,7 +274,9 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
         pool.shutdown(wait=0.0)
         _write_current(cfg.out, ids, phases, prior)
         raise
-    pool.shutdown(wait=0.0 if loop.timed_out else 10.0)
+    # workers get up to 10 s to stop cleanly, but never past the hard stop (a run that ends just before it)
+    grace = 10.0 if hard_stop is None else min(10.0, max(0.0, hard_stop - time.monotonic()))
+    pool.shutdown(wait=0.0 if loop.timed_out else grace)
 
     # 4. Final file: what every model produced, the prior where nothing did; then check it like Kaggle would.
     probs, fallback = _write_current(cfg.out, ids, phases, prior)
