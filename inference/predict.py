@@ -93,6 +93,7 @@ class PredictResult:
     notes: list[str]  # input oddities that did not cost quality (e.g. rows with malformed JSON)
     seconds: float
     probs: np.ndarray
+    first_result_seconds: float | None = None  # start-up: from t0 to the first scored batch (None: none came)
 
 
 @dataclass
@@ -292,7 +293,8 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
         messages.insert(0, "no worker could load the model(s): every row got the prior; "
                            + "; ".join(sorted(set(loop.errors.values())))[:2000])
         code = EXIT_USAGE
-    return PredictResult(Path(cfg.out), len(ids), code, messages, notes, time.monotonic() - t0, probs)
+    first = loop.wall[0] - t0 if loop.wall else None
+    return PredictResult(Path(cfg.out), len(ids), code, messages, notes, time.monotonic() - t0, probs, first)
 
 
 def _preflight(cfg: PredictConfig, devices: list[str]) -> None:

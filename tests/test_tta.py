@@ -133,20 +133,30 @@ def test_auto_under_a_short_budget_swaps_the_most_uncertain_and_finishes(off_res
     sleep = 0.5
     monkeypatch.setenv("ARENA_DEBUG_SLEEP_PER_BATCH", str(sleep))
     # 1024-token batches of at most 4 rows: 15 batches for the first views of the 60 rows, 15 more for all their
-    # swaps. The budget: what the unslowed run took (start-up, load, compute) + the first views' sleeps + half the
-    # swaps' + the reserve kept back at the end: every first view fits, the swaps only in part.
-    budget_s = off_result.seconds + 15 * sleep * 1.5
-    budget_s += budget.reserve_seconds(budget_s)
-    t0 = time.monotonic()
-    result = predict(config(tiny_export_dir, sample_dir / "test.csv", tmp_path / "s.csv", tta="auto",
-                            time_budget=budget_s, batch_tokens=1024, max_batch_rows=4, checkpoint_every=2.0), t0=t0)
-    elapsed = time.monotonic() - t0
-    assert elapsed <= budget_s + 1.0, elapsed
-    ids, probs = read_sub(tmp_path / "s.csv")
-    assert validate_submission(tmp_path / "s.csv", test_ids(sample_dir / "test.csv")) == []
-    assert np.abs(probs - result.probs).max() < 1e-12
+    # swaps. The budget: the start-up up to the first scored batch (worker spawn, imports, model load: measured, it
+    # varies with the machine's load) + the first views' sleeps + about half the swaps' + the reserve kept back at
+    # the end. A start-up much slower than measured (a loaded machine) can still cut first views, or a faster one
+    # leave time for every swap: then the run is repeated with this run's own start-up (at most 3 runs).
+    startup = off_result.first_result_seconds
+    for attempt in range(3):
+        budget_s = startup + 15 * sleep + 7 * sleep
+        budget_s += budget.reserve_seconds(budget_s)
+        out = tmp_path / f"s{attempt}.csv"
+        t0 = time.monotonic()
+        result = predict(config(tiny_export_dir, sample_dir / "test.csv", out, tta="auto", time_budget=budget_s,
+                                batch_tokens=1024, max_batch_rows=4, checkpoint_every=2.0), t0=t0)
+        elapsed = time.monotonic() - t0
+        assert elapsed <= budget_s + 2.0, (elapsed, budget_s)  # in time, whatever the load
+        assert validate_submission(out, test_ids(sample_dir / "test.csv")) == []
+        first_views_whole = not any("max_length" in m or "prior" in m for m in result.messages)
+        n_swapped = len(swapped_rows(result.probs, off_run, on_run.probs)) if first_views_whole else -1
+        if 0 < n_swapped < 60:
+            break
+        startup = result.first_result_seconds or 2 * startup
+    assert first_views_whole, result.messages
+    assert np.abs(read_sub(out)[1] - result.probs).max() < 1e-12
     rows = swapped_rows(result.probs, off_run, on_run.probs, result.messages)  # every first view at full length
-    assert 0 < len(rows) < 60, len(rows)
+    assert 0 < len(rows) < 60, (len(rows), budget_s, startup)
     assert_most_uncertain(rows, off_run)
     line = f"TTA: {len(rows)} of 60 rows got both views"
     if result.exit_code == EXIT_OK:  # auto's partial coverage is planned, not a degradation
