@@ -106,7 +106,7 @@ def score_views(export: Path, battles, batch: int = 16) -> tuple[np.ndarray, np.
     from inference.submission import softmax
     from inference.worker import pad_batch
 
-    model, meta = load_model(LoadSpec(str(export)), "cpu")
+    model, meta = load_model(LoadSpec(str(export), None), "cpu")
     fmt = Formatter(load_tokenizer(export), FormatConfig.from_dict(meta["format"]))
     turns = fmt.tokenize(battles)
     out = []
