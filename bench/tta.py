@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     prior_loss = log_loss(np.tile(prior / prior.sum(), (len(y), 1)), y)
     model = "tiny preset, synthetic rows" if args.tiny else f"MiniLM-L6, {args.max_steps} steps, max_length " \
                                                             f"{args.max_length}"
-    print(f"{model}; trained on {len(battles) - len(held)} rows in {t_train:.0f} s, {len(y)} held-out rows scored "
+    trained = "reused from --workdir" if args.reuse and t_train < 1 else f"in {t_train:.0f} s"
+    print(f"{model}; trained on {len(battles) - len(held)} rows ({trained}), {len(y)} held-out rows scored "
           f"twice in {t_score:.0f} s", file=sys.stderr)
     print(f"prior log loss {prior_loss:.4f}; view 1 alone {c['uncertainty_first'][0]:.4f}; "
           f"full TTA {c['uncertainty_first'][-1]:.4f}", file=sys.stderr)

@@ -172,3 +172,14 @@ def test_config_accepts_old_bool_and_rejects_bad_tta(tiny_export_dir, sample_dir
     assert config(tiny_export_dir, "t.csv", "s.csv", tta=False).tta == "off"
     with pytest.raises(ValueError, match="--tta"):
         PredictConfig(models=("m",), test="t", out="o", tta="sometimes")
+
+
+def test_take_in_order_pads_to_the_longest_so_far():
+    from inference.batching import take_batch
+    from inference.predict import _take_in_order
+
+    assert _take_in_order(np.array([100, 300, 50, 40]), 1024, 8) == 3  # 3 x 300 fits, 4 x 300 does not
+    assert _take_in_order(np.array([2000, 10]), 1024, 8) == 1  # at least one row
+    assert _take_in_order(np.array([10] * 9), 1024, 4) == 4  # at most max_rows
+    lengths = np.array([400, 300, 200, 100, 50])
+    assert _take_in_order(lengths, 1024, 8) == take_batch(lengths, 1024, 8)  # the same on longest-first lists
