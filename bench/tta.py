@@ -1,6 +1,6 @@
 """Which rows deserve the A/B-swapped view? Log loss against the share of rows swapped, uncertainty-first vs random.
 
-    python bench/tta.py                                   # MiniLM-L6 trained on 4/5 of the real rows (~10 min, 2 cores)
+    python bench/tta.py                                   # MiniLM-L6 on 4/5 of the real rows (10-35 min on 2 cores)
     python bench/tta.py --workdir /tmp/tta --reuse        # re-score an export trained before (seconds + scoring)
     python bench/tta.py --tiny                            # the tiny preset on synthetic data (no ../shared needed)
 
