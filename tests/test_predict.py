@@ -160,7 +160,9 @@ def test_killed_only_worker_leaves_prior_rows_named(one_worker, tiny_export_dir,
     assert "rows got the prior" in text
     ids, probs = read_sub(tmp_path / "sub.csv")
     assert validate_submission(tmp_path / "sub.csv", test_ids(sample_dir / "test.csv")) == []
-    scored = np.abs(probs - one_worker).max(axis=1) < 1e-6
+    # the batch it finished holds first views (TTA is a second pass, after every row's first view)
+    one_view = reference_probs(tiny_export_dir, sample_dir / "test.csv", tta=False)
+    scored = np.abs(probs - one_view).max(axis=1) < 1e-5
     prior = np.all(np.isclose(probs, [0.35, 0.35, 0.30]), axis=1)
     assert scored.sum() >= 1 and prior.sum() >= 1 and np.all(scored | prior)
     assert str(ids[np.flatnonzero(prior)[0]]) in text  # the message names lost rows
