@@ -183,3 +183,19 @@ def test_take_in_order_pads_to_the_longest_so_far():
     assert _take_in_order(np.array([10] * 9), 1024, 4) == 4  # at most max_rows
     lengths = np.array([400, 300, 200, 100, 50])
     assert _take_in_order(lengths, 1024, 8) == take_batch(lengths, 1024, 8)  # the same on longest-first lists
+
+
+def test_ensemble_runs_each_models_swaps_after_its_first_views(off_run, on_run, tiny_export_dir, sample_dir,
+                                                                tmp_path, caplog):
+    """Two models (the same export twice): model 0's first views, its swaps, then model 1's; both swap the same
+    most uncertain half, so the ensemble equals one model with --tta 0.5."""
+    with caplog.at_level("INFO", logger="arena.predict"):
+        result = predict(PredictConfig(models=(str(tiny_export_dir),) * 2, test=str(sample_dir / "test.csv"),
+                                       out=str(tmp_path / "s.csv"), devices="cpu", time_budget=None, tta=0.5))
+    assert result.exit_code == EXIT_OK, result.messages
+    rows = swapped_rows(result.probs, off_run, on_run.probs)
+    assert len(rows) == 30
+    assert_most_uncertain(rows, off_run)
+    assert sum("TTA: 30 of 60 rows got both views (50%)" in n for n in result.notes) == 2, result.notes
+    loads = [r.getMessage() for r in caplog.records if "loaded model" in r.getMessage()]
+    assert len(loads) == 2, loads  # one load per model: swaps never make a worker go back to a model
