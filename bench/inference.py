@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-rows", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--calibration", metavar="FILE", help="a --calibrate JSON: its measured factors replace assumed ones")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="a --calibrate JSON: its measured factors replace the assumed ones")
     p.add_argument("--skip-measure", action="store_true", help="only the projection (no CPU throughput part)")
     p.add_argument("--calibrate", action="store_true", help="measure the quantization slowdowns and MFU on this GPU")
     p.add_argument("--out", default="calibration.json", help="where --calibrate writes (default %(default)s)")
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     rec = recommend(tables)
     print(f"  recommended: {rec}")
     result.update({
-        "t4_hours": round(t["modes"]["dp_4bit/off"]["hours"], 2), "t4_hours_tta": round(t["modes"]["dp_4bit/on"]["hours"], 2),
+        "t4_hours": round(t["modes"]["dp_4bit/off"]["hours"], 2),
+        "t4_hours_tta": round(t["modes"]["dp_4bit/on"]["hours"], 2),
         "t4_hours_8bit": round(t["modes"]["dp_8bit/off"]["hours"], 2),
         "t4_hours_tta_8bit": round(t["modes"]["dp_8bit/on"]["hours"], 2),
         "t4_hours_fixed_batches": round(t["hours_fixed_4bit"], 2), "t4_quantize": "4bit",

@@ -66,7 +66,7 @@ def test_calibrate_needs_a_gpu_unless_allowed(tmp_path, capsys, monkeypatch):
                                         "why": factors["slowdown_4bit"]["why"]}
     assert factors["mfu"]["source"] == "assumed"  # a CPU's (or non-T4's) absolute rate is not a T4's
 
-    monkeypatch.setattr(inf, "T4_ROWS", 2000)  # the projection's logic, quicker
+    monkeypatch.setattr(inf, "T4_ROWS", 1000)  # the projection's logic, quicker
     full = np.random.default_rng(0).integers(50, 3000, 500)
     base = inf.project(full, inf.assumptions())
     doubled = inf.assumptions()
