@@ -1,15 +1,20 @@
 """Pure time-budget decisions: parse a budget, project the finish, pick the least degraded mode that fits.
 
-A Kaggle submission that is late scores nothing, so quality is traded for time in a fixed order, each step applied
-only to rows not yet started: (1) drop test-time augmentation (halves the cost), (2) shorten max_length in steps,
-(3) what is still left when the deadline comes gets the training prior. The projection is re-done as throughput is
-measured; the mode only ever gets cheaper, so a row's treatment never oscillates.
+A Kaggle submission that is late scores nothing, so quality is traded for time in a fixed order. Test-time
+augmentation (the A/B-swapped view) is a second pass: every row first gets one view, then the swapped views run
+most uncertain row first (highest entropy of the first view), so (1) the swaps that help least are dropped first;
+then, for first views not yet started, (2) max_length is shortened in steps, (3) what is still left when the
+deadline comes gets the training prior. The projection is re-done as throughput is measured; the mode only ever
+gets cheaper, so a row's treatment never oscillates.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+import numpy as np
 
 SHORTEN_STEPS = (0.75, 0.5, 0.375, 0.25)  # fractions of max_length tried after TTA is dropped
 MIN_SHORT_LENGTH = 128
@@ -33,7 +38,7 @@ class Mode:
             length = "full max_length" if self.fraction >= 1.0 else f"{self.fraction:g} x max_length"
         else:
             length = f"max_length {self.length(max_length)}"
-        return f"{'TTA' if self.tta else 'no TTA'}, {length}"
+        return f"TTA, {length}" if self.tta else length  # arena-predict's modes are single-view (TTA is a 2nd pass)
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -70,6 +75,50 @@ def ladder(tta: bool) -> list[Mode]:
     modes.append(Mode(False))
     modes += [Mode(False, f) for f in SHORTEN_STEPS]
     return modes
+
+
+TTA_CHOICES = "on, auto, off, or a fraction in (0, 1]"
+
+
+def parse_tta(text: str | bool | float) -> str | float:
+    """'on' | 'auto' | 'off' | a fraction in (0, 1] (at most that share of rows gets the swapped view).
+
+    True/False (the old --tta/--no-tta) mean 'on'/'off'; '1' is 'on', '0' is 'off'. Raises ValueError naming the text.
+    """
+    if isinstance(text, bool):
+        return "on" if text else "off"
+    s = str(text).strip().lower()
+    if s in ("on", "auto", "off"):
+        return s
+    try:
+        f = float(s)
+    except ValueError:
+        raise ValueError(f"--tta {text!r}: use {TTA_CHOICES}") from None
+    if not 0.0 <= f <= 1.0 or math.isnan(f):
+        raise ValueError(f"--tta {text!r}: a fraction must be between 0 and 1 (or use {TTA_CHOICES})")
+    return "off" if f == 0.0 else "on" if f == 1.0 else f
+
+
+def swap_cap(tta: str | float, rows: int) -> int:
+    """How many rows the mode asks to get both views: all ('on', and 'auto' as far as the budget allows), none
+    ('off'), ceil(fraction x rows) for a fraction."""
+    if tta == "off":
+        return 0
+    if isinstance(tta, float):
+        return min(rows, math.ceil(tta * rows - 1e-9))
+    return rows
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of each row of (rows, 3) probabilities."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
+    return -np.sum(p * np.log(p), axis=-1)
+
+
+def swap_order(probs: np.ndarray) -> np.ndarray:
+    """Row indices, most uncertain first (highest entropy of the first view; ties by row index): the order in which
+    swapped views are worth running. The WSDM Cup winners swapped only the most uncertain third."""
+    return np.lexsort((np.arange(len(probs)), -entropy(probs)))
 
 
 def reserve_seconds(budget: float) -> float:

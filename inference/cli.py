@@ -1,7 +1,8 @@
 """`arena-predict` (= `python -m inference`): the command line of predict.py.
 
 Exit status: 0 every row got the best treatment; 3 a valid submission was written but something was degraded
-(TTA dropped, max_length shortened, rows given the prior, a worker lost; the messages say which); 2 bad input or
+(fewer swapped views than --tta asked for, max_length shortened, rows given the prior, a worker lost; the messages
+say which); 2 bad input or
 options, or no worker could load the model (nothing scored; a prior-filled file may exist if the test file was
 readable); 1 an unexpected error (the file holds the rows scored so far).
 """
@@ -21,16 +22,28 @@ submission.csv (id,winner_model_a,winner_model_b,winner_tie; ids in test order).
 
 A valid submission exists from the first second (prior-filled, then rewritten atomically as rows are scored) and
 the final file is always valid, whatever happens to the workers. One worker process per device, each with its
-own model copy; rows are scored longest first in token-budget batches. When the projected finish overruns
---time-budget, the remaining rows are scored without TTA, then with a shorter max_length, and what is left at
-the deadline gets the training prior (arena.json "prior", else uniform).
+own model copy; rows are scored longest first in token-budget batches.
+
+TTA (the A/B-swapped view, averaged with the first) is a second pass: every row first gets one view, then the
+swapped views run most uncertain row first (highest entropy of the first view's probabilities), each at the
+row's first-view max_length (the average stays exactly symmetric). When the projected finish overruns
+--time-budget, the least uncertain swaps are dropped first, then the remaining first views get a shorter
+max_length, and what is left at the deadline gets the training prior (arena.json "prior", else uniform).
+
+--tta on      every row gets both views; fewer (budget, lost workers) is DEGRADED (exit 3)
+--tta auto    the most uncertain rows get both views, as many as the projected finish allows: partial coverage
+              is planned, said in a note, not degraded; DEGRADED only if admitted swaps were then lost (the
+              deadline came early, a worker died). The default of the Kaggle kernel.
+--tta 0.33    at most ceil(0.33 x rows), most uncertain first; fewer is DEGRADED
+--tta off     one view per row (also --no-tta, for old scripts)
+The log ends with "TTA: N of M rows got both views (x%)".
 """
 
 EPILOG = """\
 examples:
-  # Kaggle 2 x T4, Gemma2-9B in 4-bit, TTA, 8h30m budget
+  # Kaggle 2 x T4, Gemma2-9B in 4-bit, swapped views for the most uncertain rows that fit, 8h30m budget
   arena-predict --model /kaggle/input/gemma2-arena --test /kaggle/input/llm-classification-finetuning/test.csv \\
-      --out /kaggle/working/submission.csv --devices cuda:0,cuda:1 --quantize 4bit --time-budget 8h30m
+      --out /kaggle/working/submission.csv --devices cuda:0,cuda:1 --quantize 4bit --time-budget 8h30m --tta auto
   # ensemble of two exports, weighted arithmetic mean of their probabilities
   arena-predict --model runs/gemma2 --model runs/llama3 --weights 0.6,0.4 --test test.csv --out sub.csv
   # a LoRA adapter export whose base model lives elsewhere
@@ -74,6 +87,15 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _tta(text: str):
+    from inference.budget import parse_tta
+
+    try:
+        return parse_tta(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arena-predict", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall time from start, e.g. 8h30m, 90m, 600 (seconds), none (default 8h30m)")
     p.add_argument("--max-length", type=int, metavar="L",
                    help="tokens per rendered battle (default: the model's training max_length)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
-                   help="also score the A/B-swapped battle and average (default on; ~2x the cost)")
+    p.add_argument("--tta", type=_tta, nargs="?", const="on", default="on", metavar="on|auto|off|FRACTION",
+                   help="who also gets the A/B-swapped view (averaged; ~2x the cost for all rows): on (every row, "
+                        "default), auto (most uncertain first, as many as the budget fits), off, or a fraction "
+                        "(at most that share, most uncertain first); see above")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const="off", help="same as --tta off")
     p.add_argument("--quantize", choices=("none", "8bit", "4bit"), default="none",
                    help="bitsandbytes weights: 8bit, or 4bit NF4 with fp16 compute (9B models on a 16 GB T4)")
     p.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",

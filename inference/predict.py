@@ -9,9 +9,19 @@ loop: hand the longest pending rows to whichever worker has room, collect logits
 degrade the remaining rows when it overruns (budget.py), checkpoint the submission now and then. At the end (or at
 the deadline) the final file is written atomically and checked.
 
-Ensembles run model after model over all rows; the probabilities are averaged with the given weights (arithmetic
-mean of per-model probabilities, each after its own temperature and TTA). Rows a model did not reach use the other
-models; rows no model reached get the prior (the weighted mean of the models' training priors, else uniform).
+Test-time augmentation is a second pass. Phase 1 gives every row one view (the budget's max_length ladder applies
+to it). Phase 2 runs the A/B-swapped views, most uncertain row first (highest entropy of the first view's
+probabilities), each at the same max_length as the row's first view so the average stays exactly symmetric:
+`--tta on` all rows, a FRACTION at most ceil(FRACTION x rows), `auto` as many as the projected finish allows, `off`
+none. A swap chunk is admitted only while its projected cost fits the time left (minus the first views other
+models still need), so a short budget drops the least useful swaps, never the last rows' first views.
+
+Ensembles run model after model: each model's phase 1, then its phase 2, then the next model. Phase 2 of a model
+reserves the time the later models' first views need, so swaps never cost another model its first view, and no
+model is loaded twice (a reload of a 9B model costs minutes). The probabilities are averaged with the given weights
+(arithmetic mean of per-model probabilities, each after its own temperature and TTA). Rows a model did not reach
+use the other models; rows no model reached get the prior (the weighted mean of the models' training priors, else
+uniform).
 """
 from __future__ import annotations
 
@@ -50,7 +60,7 @@ class PredictConfig:
     devices: str = "auto"
     time_budget: float | None = 8.5 * 3600  # seconds from process start; None: no limit
     max_length: int | None = None  # default: each model's training max_length (arena.json format)
-    tta: bool = True
+    tta: str | float = "on"  # who gets the swapped view: 'on' all, 'auto' within the budget, 'off', or a fraction
     quantize: str = "none"
     dtype: str = "auto"
     batch_tokens: int | None = None  # padded tokens per forward pass; default 8192 on GPU, 4096 on CPU
@@ -64,6 +74,7 @@ class PredictConfig:
     # GPU, unquantized on the CPU; off: the remaining rows get the prior)
 
     def __post_init__(self):
+        object.__setattr__(self, "tta", budget.parse_tta(self.tta))  # True/False (old callers) mean on/off
         if not self.models:
             raise ValueError("give at least one --model")
         if self.weights is not None:
@@ -97,6 +108,7 @@ class PredictResult:
     notes: list[str]  # input oddities that did not cost quality (e.g. rows with malformed JSON)
     seconds: float
     probs: np.ndarray
+    first_result_seconds: float | None = None  # start-up: from t0 to the first scored batch (None: none came)
 
 
 @dataclass
@@ -120,6 +132,14 @@ class Phase:
     logits_swap: np.ndarray = None
     state: np.ndarray = None  # PENDING, FAILED, or the index of the mode the row was scored with
     attempts: np.ndarray = None
+    view_cap: np.ndarray = None  # max_length of the row's first view (its swap must use the same); 0: none yet
+    swap_queue: list[int] | None = None  # phase 2: rows for the swapped view, most uncertain first; None: unplanned
+    swap_pos: int = 0  # queue rows admitted so far (the budget check runs chunk by chunk)
+    swap_ready: list[int] = field(default_factory=list)  # admitted rows not yet sent, longest first
+    swap_last: bool = False  # swap_ready is the budget's last chunk: sent most uncertain first (see _admit_swaps)
+    swap_retry: list[int] = field(default_factory=list)  # swaps of lost batches, run again once
+    swap_lost: set = field(default_factory=set)
+    swap_cut: int = 0  # queued swaps dropped because the projected finish would overrun the budget
 
     def __post_init__(self):
         n = len(self.full)
@@ -128,6 +148,7 @@ class Phase:
         self.logits_swap = np.full((n, 3), np.nan)
         self.state = np.full(n, PENDING)
         self.attempts = np.zeros(n, dtype=np.int64)
+        self.view_cap = np.zeros(n, dtype=np.int64)
 
     def pending(self) -> list[int]:
         return self.retry + self.order[self.pos :]
@@ -159,6 +180,30 @@ class Phase:
             self.pos += n
         return rows
 
+    def swap_lengths(self, rows) -> np.ndarray:
+        """Rendered length of each row's swapped view: that of its first view."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return batching.row_lengths(self.full[rows], self.view_cap[rows])
+
+    def plan_swaps(self, tta) -> None:
+        """Phase 2's queue: the rows with a first view, highest entropy first, capped as --tta asks."""
+        scored = np.flatnonzero(self.state >= 0)
+        order = scored[budget.swap_order(self.first_view_probs()[scored])]
+        self.swap_queue = [int(i) for i in order[: budget.swap_cap(tta, len(self.full))]]
+
+    def has_swaps(self) -> bool:
+        """Swapped views still to send (True while the queue is unplanned: phase 1 decides it)."""
+        return (self.swap_queue is None or self.swap_pos < len(self.swap_queue) or bool(self.swap_ready)
+                or bool(self.swap_retry))
+
+    def swapped(self) -> np.ndarray:
+        """Mask of rows that have both views."""
+        return np.all(np.isfinite(self.logits_swap), axis=1) & (self.state >= 0)
+
+    def first_view_probs(self) -> np.ndarray:
+        t_tta = float(self.meta.get("temperature") or 1.0)
+        return softmax(self.logits, float(self.meta.get("temperature_no_tta") or t_tta))
+
     def probs(self) -> np.ndarray:
         """(rows, 3) probabilities; NaN where this model has no prediction (see `served_probs`)."""
         return served_probs(self.logits, self.logits_swap, self.meta)
@@ -171,6 +216,7 @@ class InFlight:
     mode: int
     worker: int
     cost: float
+    swap: bool = False  # phase 2: the rows' A/B-swapped views
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,13 +270,20 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     pool = _make_pool(cfg, devices)
     pool.start()
     log.info("%d worker(s) on %s; batch_tokens %d", len(devices), ",".join(devices), batch_tokens)
-    modes = budget.ladder(cfg.tta)
+    modes = budget.ladder(False)  # phase 1 (one view per row); the swapped views are phase 2
     phases: list[Phase] = []
     try:
         phases = _tokenize_all(cfg, specs, metas, weights, battles)
         loop = _Loop(cfg, pool, phases, modes, ids, prior, batch_tokens, hard_stop, t0)
         loop.run()
         messages += loop.messages
+        for ph in phases:
+            line, degraded = _tta_summary(ph, cfg.tta, len(phases))
+            log.info("%s", line)
+            if degraded:
+                messages.append(line)
+            elif cfg.tta not in ("on", "off"):  # auto / a fraction: partial coverage by design, said as a note
+                notes.append(line)
         if loop.fp32_reruns:
             messages.append(f"{loop.fp32_reruns} sequence(s) overflowed in half precision (non-finite logits) and "
                             "were re-run in fp32 compute: same quality, slower; --dtype fp32 avoids it")
@@ -238,7 +291,9 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
         pool.shutdown(wait=0.0)
         _write_current(cfg.out, ids, phases, prior)
         raise
-    pool.shutdown(wait=0.0 if loop.timed_out else 10.0)
+    # workers get up to 10 s to stop cleanly, but never past the hard stop (a run that ends just before it)
+    grace = 10.0 if hard_stop is None else min(10.0, max(0.0, hard_stop - time.monotonic()))
+    pool.shutdown(wait=0.0 if loop.timed_out else grace)
 
     # 4. Final file: what every model produced, the prior where nothing did; then check it like Kaggle would.
     probs, fallback = _write_current(cfg.out, ids, phases, prior)
@@ -256,7 +311,8 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
         code = EXIT_USAGE
     if cfg.shard is not None and code != EXIT_USAGE:  # a usable shard: merge may take it
         write_sidecar(cfg.out, sidecar(*cfg.shard, total_rows, cfg.test, file_sha256(cfg.test)))
-    return PredictResult(Path(cfg.out), len(ids), code, messages, notes, time.monotonic() - t0, probs)
+    first = loop.wall[0] - t0 if loop.wall else None
+    return PredictResult(Path(cfg.out), len(ids), code, messages, notes, time.monotonic() - t0, probs, first)
 
 
 def _preflight(cfg: PredictConfig, devices: list[str]) -> None:
@@ -375,6 +431,41 @@ def _describe(phases: list[Phase], modes: list[budget.Mode], ids, fallback: np.n
     return out
 
 
+def _tta_summary(ph: Phase, tta, n_models: int = 1) -> tuple[str, bool]:
+    """`TTA: N of M rows got both views (x%)` and whether that is less than --tta asked for (a degradation).
+
+    on: every row with a first view; FRACTION: ceil(FRACTION x rows) of them; auto: the swaps the budget admitted
+    (its partial coverage is planned, not degraded, unless admitted swaps were then lost to the deadline or a
+    worker); off: none.
+    """
+    n, got = len(ph.full), int(ph.swapped().sum())
+    scored = int(np.sum(ph.state >= 0))
+    if tta == "auto":
+        asked = min(ph.swap_pos, scored)
+    else:
+        asked = min(budget.swap_cap(tta, n), scored)
+    name = f"model {ph.k} ({ph.spec.model_dir}): " if n_models > 1 else ""
+    line = f"{name}TTA: {got} of {n} rows got both views ({100.0 * got / max(n, 1):.0f}%), --tta {tta}"
+    if got < asked:
+        why = f"{ph.swap_cut} dropped by the time budget" if ph.swap_cut else "time budget or lost workers"
+        line += (f" asked for {asked} ({why}; the most uncertain rows were swapped first, the least useful swaps "
+                 "dropped)")
+    elif tta == "auto" and ph.swap_cut:
+        line += f": the most uncertain first, {ph.swap_cut} more did not fit the time budget"
+    return line, got < asked
+
+
+def _take_in_order(lengths: np.ndarray, batch_tokens: int, max_rows: int) -> int:
+    """How many rows from the front make the next batch without reordering them: as many as fit `batch_tokens` padded
+    to the longest so far (at least one, at most `max_rows`). Same as batching.take_batch on longest-first lists."""
+    if len(lengths) == 0:
+        return 0
+    n = np.arange(1, len(lengths) + 1)
+    fits = np.maximum.accumulate(np.maximum(lengths, 1)) * n <= batch_tokens
+    first_miss = int(np.argmin(fits)) if not fits.all() else len(lengths)
+    return int(max(1, min(first_miss, max_rows)))
+
+
 def _short(items, n: int = 10) -> str:
     items = list(items)
     return ", ".join(map(str, items[:n])) + (f", ... ({len(items)} in total)" if len(items) > n else "")
@@ -400,6 +491,7 @@ class _Loop:
         self.fp32_reruns = 0  # rows (views) whose half-precision logits overflowed and were re-run in fp32
         self.timed_out = False
         self.projection: float | None = None
+        self.wall: list[float] = []  # [time of the first result, cost finished since]: throughput with all overheads
 
     def run(self) -> None:
         last_checkpoint = last_log = time.monotonic()
@@ -412,7 +504,7 @@ class _Loop:
                 break
             self._choose_mode(now)
             self._dispatch()
-            if not self.inflight and not any(ph.has_pending() for ph in self.phases):
+            if not self.inflight and not any(ph.has_pending() or ph.has_swaps() for ph in self.phases):
                 break
             if not self.pool.alive():
                 self.messages.append("no worker left alive: unscored rows use fallbacks")
@@ -432,17 +524,25 @@ class _Loop:
                 last_log = now
 
     # -- decisions -------------------------------------------------------------------------------------------
-    def _choose_mode(self, now: float) -> None:
-        if self.hard_stop is None:
-            return
+    def _rate(self) -> float | None:
         alive = len(self.pool.alive())
         # warm-up batches (CUDA context, kernel selection) are slow: use them only until a steady one is measured
-        rate = budget.combined_rate(list(self.speed.values()), alive) or \
+        return budget.combined_rate(list(self.speed.values()), alive) or \
             budget.combined_rate(list(self.first.values()), alive)
-        inflight = sum(b.cost for b in self.inflight.values())
-        future_loads = sum(1 for ph in self.phases[1:] if ph.has_pending() and not any(
+
+    def _load_seconds_ahead(self, after: int = 0) -> float:
+        """Known model loads still ahead for models after `after` (each as slow as the slowest load seen)."""
+        future_loads = sum(1 for ph in self.phases[after + 1:] if ph.has_pending() and not any(
             w.loaded is not None and w.loaded >= ph.k for w in self.pool.alive()))
-        extra = future_loads * (max(self.load_seconds) if self.load_seconds else 0.0)
+        return future_loads * (max(self.load_seconds) if self.load_seconds else 0.0)
+
+    def _choose_mode(self, now: float) -> None:
+        """Phase 1's mode: the least shortened max_length whose first views all fit (swaps are not reserved)."""
+        if self.hard_stop is None or not any(ph.has_pending() for ph in self.phases):
+            return
+        rate = self._rate()
+        inflight = sum(b.cost for b in self.inflight.values())
+        extra = self._load_seconds_ahead()
         cost = lambda mode: inflight + sum(ph.remaining_cost(mode) for ph in self.phases)  # noqa: E731
         new, self.projection = budget.choose_mode(self.modes, self.mode, cost, rate, self.hard_stop - now, extra)
         if new != self.mode:
@@ -458,13 +558,98 @@ class _Loop:
     def _dispatch(self) -> None:
         for w in sorted(self.pool.alive(), key=lambda w: len(w.outstanding)):
             while len(w.outstanding) < self.cfg.depth:
-                ph = next((p for p in self.phases if p.has_pending()), None)
-                if ph is None:
+                work = self._next_work()
+                if work is None:
                     return
+                ph, swap = work
                 if w.loaded != ph.k:
                     self.pool.send(w, ("load", ph.k, asdict(ph.spec)))
                     w.loaded = ph.k
-                self._send_batch(w, ph)
+                if swap:
+                    self._send_swaps(w, ph)
+                else:
+                    self._send_batch(w, ph)
+
+    def _next_work(self) -> tuple[Phase, bool] | None:
+        """(model, is phase 2) of the next batch, or None (nothing to send now): model by model, every row's first
+        view, then its swapped views, most uncertain first."""
+        for ph in self.phases:
+            if ph.has_pending():
+                return ph, False
+            if any(b.phase == ph.k and not b.swap for b in self.inflight.values()):
+                return None  # the swap order needs every first view of this model
+            if ph.swap_queue is None:
+                ph.plan_swaps(self.cfg.tta)
+            if ph.swap_retry or ph.swap_ready or self._admit_swaps(ph):
+                return ph, True
+        return None
+
+    def _admit_swaps(self, ph: Phase) -> bool:
+        """Move the next chunk of the queue (most uncertain first) to the send list, as far as the projected finish
+        allows; a chunk that does not fit is cut where it stops fitting and the rest of the queue dropped. Chunks
+        (about 4 batches per worker) are sent longest first, so entropy order costs little padding; the last, cut
+        chunk is sent in entropy order, so that if the deadline still comes first, the swaps it abandons are the
+        least uncertain ones."""
+        rest = ph.swap_queue[ph.swap_pos:]
+        if not rest:
+            return False
+        lengths = ph.swap_lengths(rest)
+        window = int(np.searchsorted(np.cumsum(lengths), 4 * self.batch_tokens * max(1, len(self.pool.alive())))) + 1
+        take = min(window, len(rest))
+        allowed = self._swap_allowance(ph)
+        if allowed is not None:
+            fit = int(np.searchsorted(np.cumsum(ph.cost.flops(lengths[:take])), allowed, side="right"))
+            if fit < take:
+                take = fit
+                ph.swap_cut = len(rest) - fit
+                del ph.swap_queue[ph.swap_pos + fit:]
+                msg = (f"time budget: {ph.swap_pos + fit} swapped views admitted, the {ph.swap_cut} least uncertain "
+                       f"of the queue dropped")
+                log.warning("%s%s", f"model {ph.k}: " if len(self.phases) > 1 else "", msg)
+                ph.swap_last = True
+        ph.swap_ready = list(rest[:take]) if ph.swap_last else sorted(rest[:take], key=lambda i: -ph.full[i])
+        ph.swap_pos += take
+        return take > 0
+
+    def _swap_allowance(self, ph: Phase) -> float | None:
+        """Cost units of swaps that still fit: the time left x the measured rate, less the work in flight and the
+        first views the later models still need (and their loads). None: no budget, or nothing measured yet."""
+        rate = self._rate()
+        if self.hard_stop is None or rate is None:
+            return None
+        now = time.monotonic()
+        if len(self.wall) == 2 and self.wall[1] > 0 and now > self.wall[0]:
+            # swaps are optional work admitted up to the deadline: trust the wall-clock rate (dispatch, transfers,
+            # a busy host) where it is lower than the workers' own compute rate
+            rate = min(rate, self.wall[1] / (now - self.wall[0]))
+        later = sum(q.remaining_cost(self.modes[self.mode]) for q in self.phases[ph.k + 1:])
+        inflight = sum(b.cost for b in self.inflight.values())
+        seconds = self.hard_stop - now - self._load_seconds_ahead(ph.k)
+        return max(0.0, seconds * rate - inflight - later)
+
+    def _send_swaps(self, w, ph: Phase) -> None:
+        """A phase-2 batch: swapped views at each row's first-view max_length (exactly symmetric TTA)."""
+        source = ph.swap_retry if ph.swap_retry else ph.swap_ready
+        if source is ph.swap_retry or not ph.swap_last:
+            source.sort(key=lambda i: -ph.full[i])
+        n = _take_in_order(ph.swap_lengths(source), self.batch_tokens, self.cfg.max_batch_rows)
+        rows = source[:n]
+        del source[:n]
+        seqs, kept = [], []
+        for i in rows:
+            try:
+                seqs.append(np.asarray(ph.formatter.render(ph.turns[i], True, int(ph.view_cap[i])), dtype=np.int32))
+                kept.append(i)
+            except Exception as e:  # the row keeps its first view
+                log.warning("id %s: cannot render the swapped view (%s); it keeps one view", self.ids[i], e)
+        if not kept:
+            return
+        bid = self.next_id
+        self.next_id += 1
+        cost = float(ph.cost.flops(ph.swap_lengths(kept)).sum())
+        self.inflight[bid] = InFlight(ph.k, kept, self.mode, w.index, cost, swap=True)
+        w.outstanding.append(bid)
+        self.pool.send(w, ("batch", bid, ph.k, seqs, ph.pad_id))
 
     def _send_batch(self, w, ph: Phase) -> None:
         mode = self.modes[self.mode]
@@ -514,6 +699,10 @@ class _Loop:
                 log.warning("worker %d: %d sequence(s) gave non-finite fp16 logits (overflow); re-run in fp32 "
                             "(%d so far)", index, reruns, self.fp32_reruns)
             self._store(b, logits)
+            if self.wall:
+                self.wall[1] += b.cost
+            else:
+                self.wall = [time.monotonic(), 0.0]
             speeds = self.speed if (index, b.phase) in self.warm else self.first
             speeds.setdefault(index, budget.Throughput()).add(b.cost, seconds)  # fallback workers join late
             self.warm.add((index, b.phase))
@@ -522,11 +711,15 @@ class _Loop:
         ph = self.phases[b.phase]
         n = len(b.rows)
         rows = np.asarray(b.rows)
+        if b.swap:
+            ph.logits_swap[rows] = logits[:n]  # non-finite ones are ignored by probs(): the row keeps one view
+            return
         ph.logits[rows] = logits[:n]
         if self.modes[b.mode].tta:
             ph.logits_swap[rows] = logits[n:]
         ok = np.all(np.isfinite(logits[:n]), axis=1)
         ph.state[rows] = np.where(ok, b.mode, FAILED)
+        ph.view_cap[rows] = self.modes[b.mode].length(ph.max_length)
 
     def _lost(self, w) -> None:
         """A worker died: re-queue its batches once (a row that kills two workers gets a fallback)."""
@@ -536,6 +729,13 @@ class _Loop:
             if b is None:
                 continue
             ph = self.phases[b.phase]
+            if b.swap:  # once more; a swap lost twice leaves the row with its first view
+                again = [i for i in b.rows if i not in ph.swap_lost]
+                ph.swap_lost.update(b.rows)
+                if self.pool.alive():
+                    ph.swap_retry += again
+                    rows_back += len(again)
+                continue
             for i in b.rows:
                 ph.attempts[i] += 1
                 if ph.attempts[i] < 2 and len(self.pool.alive()) > 0:
@@ -560,7 +760,8 @@ class _Loop:
 
     def _progress(self, now: float) -> None:
         done = sum(int(np.sum(ph.state >= 0)) for ph in self.phases)
+        swapped = sum(int(ph.swapped().sum()) for ph in self.phases)
         total = sum(len(ph.full) for ph in self.phases)
         proj = f", projected {budget.format_duration(self.projection)} more" if self.projection else ""
-        log.info("%s: %d/%d rows scored; mode %s%s", budget.format_duration(now - self.t0), done, total,
-                 self.modes[self.mode].describe(), proj)
+        log.info("%s: %d/%d rows scored, %d with the swapped view too; first views at %s%s",
+                 budget.format_duration(now - self.t0), done, total, swapped, self.modes[self.mode].describe(), proj)

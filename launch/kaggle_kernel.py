@@ -24,7 +24,7 @@ OUT = "/kaggle/working/submission.csv"
 QUANTIZE = "4bit"  # "none" | "8bit" | "4bit": a 9B model needs 8bit or 4bit on a 16 GB T4
 PARALLEL = "data"  # "data": a model copy per T4 | "pipeline": one fp16 model split by layers over both T4s (a 9B
 # model fits without quantization loss; set QUANTIZE = "none" with it, arena-predict refuses a quantized pipeline)
-TTA = True  # also score A/B-swapped inputs (dropped automatically when time runs short)
+TTA = "auto"  # A/B-swapped views, most uncertain rows first: "auto" (as many as the budget fits), "on", "off", "0.33"
 MAX_LENGTH = 0  # 0: the model's training max_length
 BATCH_TOKENS = 0  # 0: arena-predict's default for the device
 KAGGLE_LIMIT_HOURS = 9.0  # the competition's run-time limit
@@ -96,11 +96,19 @@ def budget_seconds(limit_hours, safety_minutes):
     return int(left)
 
 
+def tta_flags(value):
+    """arena-predict's TTA flags for the TTA setting; True/False (older notebooks) and 1/0 mean on/off."""
+    v = str(value).strip().lower()
+    if v in ("0", "false", "no", "off"):
+        return ["--no-tta"]
+    return ["--tta", "on" if v in ("1", "true", "yes") else v]
+
+
 def predict_command(devices, budget):
     cmd = [sys.executable, "-m", "inference", "--test", setting("TEST_CSV", TEST_CSV), "--out", setting("OUT", OUT),
            "--devices", devices, "--time-budget", str(budget), "--quantize", setting("QUANTIZE", QUANTIZE),
            "--parallel", setting("PARALLEL", PARALLEL),
-           "--tta" if setting("TTA", TTA) else "--no-tta"]
+           *tta_flags(setting("TTA", TTA))]
     for m in setting("MODELS", MODELS):
         cmd += ["--model", m]
     weights = setting("WEIGHTS", WEIGHTS)

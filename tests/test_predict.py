@@ -133,9 +133,10 @@ def test_slow_model_finishes_within_budget(tiny_export_dir, sample_dir, tmp_path
     assert elapsed <= budget + 2.0, elapsed
     assert result.exit_code == EXIT_DEGRADED
     text = "\n".join(result.messages)
-    # normally TTA is dropped first, then max_length shortened; on a very loaded machine the workers may not even
-    # finish loading before the deadline, and then every row gets the prior
-    assert ("no TTA" in text and ("prior" in text or "max_length" in text)) or "time budget reached" in text
+    # normally the least uncertain swapped views are dropped first (--tta on asked for all: a DEGRADED line), then
+    # max_length shortened; on a very loaded machine the workers may not even finish loading before the deadline,
+    # and then every row gets the prior
+    assert "rows got both views" in text or "time budget reached" in text, text
     assert validate_submission(tmp_path / "sub.csv", test_ids(sample_dir / "test.csv")) == []
 
 
@@ -159,7 +160,9 @@ def test_killed_only_worker_leaves_prior_rows_named(one_worker, tiny_export_dir,
     assert "rows got the prior" in text
     ids, probs = read_sub(tmp_path / "sub.csv")
     assert validate_submission(tmp_path / "sub.csv", test_ids(sample_dir / "test.csv")) == []
-    scored = np.abs(probs - one_worker).max(axis=1) < 1e-6
+    # the batch it finished holds first views (TTA is a second pass, after every row's first view)
+    one_view = reference_probs(tiny_export_dir, sample_dir / "test.csv", tta=False)
+    scored = np.abs(probs - one_view).max(axis=1) < 1e-5
     prior = np.all(np.isclose(probs, [0.35, 0.35, 0.30]), axis=1)
     assert scored.sum() >= 1 and prior.sum() >= 1 and np.all(scored | prior)
     assert str(ids[np.flatnonzero(prior)[0]]) in text  # the message names lost rows
