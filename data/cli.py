@@ -16,11 +16,15 @@ MAX_PROBLEMS_SHOWN = 50
 
 
 def _validate(args) -> int:
-    from .reading import validate
+    from .reading import DataError, read_battles
 
-    rows, problems = validate(args.file)
+    try:
+        battles, problems = read_battles(args.file), []
+    except DataError as e:
+        battles, problems = [], e.problems
     if not problems:
-        print(f"{args.file}: OK, {rows} rows")
+        soft = sum(b.soft is not None for b in battles)
+        print(f"{args.file}: OK, {len(battles)} rows" + (f" ({soft} soft-labelled: probabilities, no hard label)" if soft else ""))
         return 0
     for p in problems[:MAX_PROBLEMS_SHOWN]:
         print(p)
@@ -94,7 +98,8 @@ def _stats(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arena-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check a train.csv / test.csv; exit 1 listing every problem (file, line, id, column)")
+    v = sub.add_parser("validate", help="check a train.csv / test.csv; exit 1 listing every problem (file, line, id, column). "
+                                        "Winner columns may hold one-hot labels or soft probabilities summing to 1")
     v.add_argument("file")
     v.set_defaults(func=_validate)
     s = sub.add_parser("sample", help="write synthetic train.csv, test.csv, sample_submission.csv in Kaggle format")
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_sample)
     c = sub.add_parser("score", help="competition log loss (eps=auto) and accuracy of a submission")
     c.add_argument("--submission", required=True, help="submission.csv (id,winner_model_a,winner_model_b,winner_tie)")
-    c.add_argument("--labels", required=True, help="a labelled CSV in train.csv format")
+    c.add_argument("--labels", required=True, help="a labelled CSV in train.csv format (hard, one-hot labels)")
     c.set_defaults(func=_score)
     t = sub.add_parser("stats", help="rows, turns, label balance, token-length percentiles, truncation rate")
     t.add_argument("file")
