@@ -37,7 +37,7 @@ def _validate(args) -> int:
 def _sample(args) -> int:
     from .synthetic import write_sample
 
-    paths = write_sample(args.out, rows=args.rows, seed=args.seed, test_rows=args.test_rows)
+    paths = write_sample(args.out, rows=args.rows, seed=args.seed, test_rows=args.test_rows, label_noise=args.label_noise)
     for name, p in paths.items():
         print(f"wrote {p}")
     return 0
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=2000, help="train rows (default 2000)")
     s.add_argument("--test-rows", type=int, default=None, help="test rows (default rows/4)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--label-noise", type=float, default=0.10, metavar="P",
+                   help="share of train.csv labels redrawn at random (default 0.10; 0 writes clean labels)")
     s.set_defaults(func=_sample)
     c = sub.add_parser("score", help="competition log loss (eps=auto) and accuracy of a submission")
     c.add_argument("--submission", required=True, help="submission.csv (id,winner_model_a,winner_model_b,winner_tie)")
