@@ -59,19 +59,22 @@ def train(out: Path, overrides: list[str], logs: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=600, help="noisy training rows")
-    p.add_argument("--extra-rows", type=int, default=600, help="unlabelled extra rows for pseudo-labelling")
-    p.add_argument("--valid-rows", type=int, default=400, help="clean validation rows")
-    p.add_argument("--label-noise", type=float, default=0.3, help="share of training labels redrawn at random")
+    p.add_argument("--rows", type=int, default=1000, help="noisy training rows")
+    p.add_argument("--extra-rows", type=int, default=1000, help="unlabelled extra rows for pseudo-labelling")
+    p.add_argument("--valid-rows", type=int, default=300, help="clean validation rows")
+    p.add_argument("--label-noise", type=float, default=0.2, help="share of training labels redrawn at random")
     p.add_argument("--folds", type=int, default=3, help="teacher folds")
     p.add_argument("--teacher", default="2x64", help="teacher size LAYERSxHIDDEN")
     p.add_argument("--student", default="1x32", help="student size LAYERSxHIDDEN")
     p.add_argument("--teacher-epochs", type=int, default=3)
     p.add_argument("--student-epochs", type=int, default=2)
+    p.add_argument("--teacher-lr", type=float, default=3e-3)
+    p.add_argument("--student-lr", type=float, default=1e-2)
+    p.add_argument("--micro-batch", type=int, default=16, help="data.micro_batch_size of every run")
     p.add_argument("--alpha", type=float, default=0.8, help="train.distill.alpha of the distilled student")
     p.add_argument("--temperature", type=float, default=1.0, help="train.distill.temperature")
     p.add_argument("--cosine", action="store_true", help="train.distill.cosine")
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
     args = p.parse_args(argv)
@@ -88,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     run([py, "-m", "data", "sample", "--out", str(work / "clean"), "--rows", str(args.valid_rows), "--test-rows", "3",
          "--seed", str(args.seed + 1), "--label-noise", "0"], logs / "sample_clean.log")
     train_csv, extra_csv, valid_csv = work / "data" / "train.csv", work / "data" / "test.csv", work / "clean" / "train.csv"
-    common = ["train.max_steps=null", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=0",
-              "train.warmup_ratio=0.1", "train.temperature_scaling=false", f"train.seed={args.seed}",
+    common = ["train.max_steps=null", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=5",
+              "train.temperature_scaling=false", f"train.seed={args.seed}",
               f"data.format.max_length={args.max_length}", "deepspeed.config=configs/deepspeed/zero2.json",
               "deepspeed.param_persistence_threshold=null", "model.gradient_checkpointing=false",
-              f"data.cache_dir={work / 'cache'}"]
+              f"data.cache_dir={work / 'cache'}", f"data.micro_batch_size={args.micro_batch}"]
 
     # ---- teachers: K fold runs; fold 0 trains the tokenizer the others reuse
     t_layers, t_hidden = map(int, args.teacher.split("x"))
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher_dirs.append(out)
         teacher_val.append(train(out, [*common, *model_overrides(t_layers, t_hidden), f"data.train_csv={train_csv}",
                                        f"data.num_folds={args.folds}", f"data.valid_fold={k}",
-                                       f"train.epochs={args.teacher_epochs}",
+                                       f"train.epochs={args.teacher_epochs}", f"train.lr={args.teacher_lr}",
                                        *([] if k == 0 else [f"data.tokenizer={tok}"])], logs))
     oof = work / "oof.csv"
     run([py, "-m", "data", "oof", *map(str, teacher_dirs), "--out", str(oof)], logs / "oof.log")
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- students: hard labels vs distilled, both scored on the clean validation file
     s_layers, s_hidden = map(int, args.student.split("x"))
     student = [*common, *model_overrides(s_layers, s_hidden), f"data.tokenizer={tok}", f"data.valid_csv={valid_csv}",
-               f"train.epochs={args.student_epochs}", "train.export=last"]
+               f"train.epochs={args.student_epochs}", f"train.lr={args.student_lr}", "train.export=last"]
     hard = train(work / "students" / "hard", [*student, f"data.train_csv={train_csv}"], logs)
     distill = [f"data.soft_labels={oof}", f"train.distill.alpha={args.alpha}",
                f"train.distill.temperature={args.temperature}", f"train.distill.cosine={str(args.cosine).lower()}"]
@@ -137,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"rows": args.rows, "extra_rows": args.extra_rows, "valid_rows": args.valid_rows,
                      "label_noise": args.label_noise, "folds": args.folds, "teacher": args.teacher,
                      "student": args.student, "teacher_epochs": args.teacher_epochs,
-                     "student_epochs": args.student_epochs, "alpha": args.alpha, "temperature": args.temperature,
+                     "student_epochs": args.student_epochs, "teacher_lr": args.teacher_lr,
+                     "student_lr": args.student_lr, "micro_batch": args.micro_batch, "alpha": args.alpha,
+                     "temperature": args.temperature,
                      "cosine": args.cosine, "max_length": args.max_length, "seed": args.seed,
                      "train_only_is_the_hard_run": True},
         "seconds": round(time.time() - t_start, 1),

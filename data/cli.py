@@ -67,6 +67,10 @@ def _stats(args) -> int:
         prior_ll = -float(np.sum(prior * np.log(np.clip(prior, 1e-15, 1))))
         shares = "  ".join(f"{name} {c} ({c / counts.sum():.1%})" for name, c in zip(LABEL_NAMES, counts))
         print(f"labels: {shares}  prior log loss {prior_ll:.4f} (uniform {math.log(3):.4f})")
+    soft = np.array([b.soft for b in battles if b.soft is not None])
+    if len(soft):
+        mean = "  ".join(f"{name} {p:.3f}" for name, p in zip(LABEL_NAMES, soft.mean(axis=0)))
+        print(f"soft labels (no hard label): {len(soft)} rows, mean probabilities {mean}")
     nulls = sum(t == "" for b in battles for t in (*b.response_a, *b.response_b))
     print(f"empty or null response turns: {nulls}")
     if not args.tokenizer:

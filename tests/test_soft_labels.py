@@ -198,3 +198,73 @@ def test_distill_config_is_validated(sample_dir, override, msg):
 
     with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
         load_config(ROOT / "configs/tiny/llama_cpu.yaml", [f"data.train_csv={sample_dir / 'train.csv'}", override])
+
+
+# ------------------------------------------------------------------------------------------------ training runs
+
+
+def _soft_run_files(tmp_path):
+    """60 hard rows + 40 pseudo-labelled rows (soft only, all leaning to A: a pattern a model learns in a few steps),
+    and a soft-labels file covering half of the hard rows."""
+    import pandas as pd
+
+    from data.synthetic import make_rows, write_sample
+
+    train = pd.read_csv(write_sample(tmp_path / "data", rows=60, seed=3, test_rows=3)["train"])
+    pseudo = pd.DataFrame(make_rows(40, seed=5))
+    pseudo["id"] += 10_000_000
+    for col, p in (("winner_model_a", 0.9), ("winner_model_b", 0.05), ("winner_tie", 0.05)):
+        pseudo[col] = p
+    both = tmp_path / "train_plus_pseudo.csv"
+    pd.concat([train, pseudo], ignore_index=True).to_csv(both, index=False)
+    oof = tmp_path / "oof.csv"
+    half = train["id"].head(30).tolist() + [99999991, 99999992]  # two ids the training file does not have
+    pd.DataFrame({"id": half, "winner_model_a": 0.5, "winner_model_b": 0.3, "winner_tie": 0.2}).to_csv(oof, index=False)
+    return both, oof
+
+
+def _tiny_run(tok_dir, out, csv, *overrides):
+    import os
+
+    args = [sys.executable, "-m", "training", "--config", "configs/tiny/llama_cpu.yaml", f"output_dir={out}",
+            f"data.train_csv={csv}", f"data.tokenizer={tok_dir}", "data.format.max_length=64",
+            "data.micro_batch_size=8", "model.tiny.num_hidden_layers=1", "model.tiny.hidden_size=32",
+            "model.tiny.intermediate_size=64", "model.gradient_checkpointing=false",
+            "deepspeed.config=configs/deepspeed/zero2.json", "deepspeed.param_persistence_threshold=null",
+            "train.save_every=0", "train.eval_every=0", "train.lr=1e-2", *overrides]
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_missing_soft_ids_fail_with_one_line_naming_file_ids_and_column(tmp_path, tiny_tokenizer_dir):
+    csv, oof = _soft_run_files(tmp_path)
+    r = _tiny_run(tiny_tokenizer_dir, tmp_path / "run", csv, f"data.soft_labels={oof}", "train.distill.alpha=0.5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = next(x for x in r.stderr.splitlines() if x.startswith("arena-train:"))
+    assert line.startswith(f"arena-train: data.soft_labels={oof}: column id: ")
+    assert "training ids of" in line and "have no soft label (e.g. " in line and "soft_labels_missing=hard" in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_soft_labels_and_pseudo_labelled_rows_train_and_validate_on_hard_labels(tmp_path, tiny_tokenizer_dir):
+    import json
+
+    import pandas as pd
+
+    csv, oof = _soft_run_files(tmp_path)
+    out = tmp_path / "run"
+    r = _tiny_run(tiny_tokenizer_dir, out, csv, f"data.soft_labels={oof}", "data.soft_labels_missing=hard",
+                  "train.distill.alpha=0.5", "train.distill.cosine=true", "train.lr=3e-3",
+                  "train.max_steps=null", "train.epochs=3", "train.warmup_steps=2", "data.valid_fold=0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "data.soft_labels: " in r.stderr and "2 ids of" in r.stderr  # the soft file's ids not in the training file
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) >= 20 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
+    # validation: fold 0 without its soft-only rows, scored against hard labels
+    preds = np.load(out / "val_predictions.npz")
+    hard_ids = set(pd.read_csv(csv)["id"].head(60).astype(str))
+    assert (preds["labels"] >= 0).all() and set(preds["ids"].astype(str)) <= hard_ids
+    info = json.loads((out / "run_info.json").read_text())
+    dropped = int(r.stderr.split("rows of validation fold 0 have no hard label")[0].split()[-1]) if \
+        "rows of validation fold 0 have no hard label" in r.stderr else 0
+    assert info["valid_rows"] == len(preds["ids"]) and info["train_rows"] + info["valid_rows"] + dropped == 100
+    assert abs(sum(info["prior"]) - 1) < 1e-9
