@@ -268,3 +268,18 @@ def test_soft_labels_and_pseudo_labelled_rows_train_and_validate_on_hard_labels(
         "rows of validation fold 0 have no hard label" in r.stderr else 0
     assert info["valid_rows"] == len(preds["ids"]) and info["train_rows"] + info["valid_rows"] + dropped == 100
     assert abs(sum(info["prior"]) - 1) < 1e-9
+
+
+def test_rows_with_neither_label_are_refused(sample_dir):
+    import datasets
+
+    from training.config import ConfigError, load_config
+    from training.inputs import check_soft_coverage
+
+    cfg = load_config(ROOT / "configs/tiny/llama_cpu.yaml", [f"data.train_csv={sample_dir / 'train.csv'}"])
+    ok = datasets.Dataset.from_dict({"id": ["1", "2"], "label": [2, -1], "soft": [[-1.0] * 3, [0.2, 0.2, 0.6]]})
+    check_soft_coverage(cfg, ok)
+    bad = datasets.Dataset.from_dict({"id": ["1", "77"], "label": [2, -1], "soft": [[-1.0] * 3, [-1.0] * 3]})
+    with pytest.raises(ConfigError, match=r"column winner_model_a: 1 training rows have neither a hard label nor a "
+                                          r"soft one \(e.g. id 77\)"):
+        check_soft_coverage(cfg, bad)
