@@ -14,7 +14,8 @@ The pipeline is the one a user runs, one subprocess per command:
             `data.soft_labels=oof.csv train.distill.alpha=A train.distill.temperature=T` (`distilled`)
   pseudo    the teacher ensemble predicts the extra rows (`arena-predict --model fold0 --model fold1 ...`),
             `arena-data pseudo-label` turns them into soft-labelled rows; the student trained on train + those rows
-            (`pseudo`) against the student on train alone (`train_only`: the `hard` run, same config)
+            (`pseudo`) against the student on train alone (`train_only`: the `hard` run, same config), and a control:
+            train alone for as many optimizer steps as the pseudo run took (`train_only_same_steps`)
 Every student is scored on the clean validation file: the export's validation log loss (A/B-swap TTA, no
 temperature scaling, so calibration gains are not fitted away). The last line is one JSON object.
 """
@@ -60,13 +61,13 @@ def train(out: Path, overrides: list[str], logs: Path) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=1000, help="noisy training rows")
-    p.add_argument("--extra-rows", type=int, default=1000, help="unlabelled extra rows for pseudo-labelling")
+    p.add_argument("--extra-rows", type=int, default=600, help="unlabelled extra rows for pseudo-labelling")
     p.add_argument("--valid-rows", type=int, default=300, help="clean validation rows")
     p.add_argument("--label-noise", type=float, default=0.2, help="share of training labels redrawn at random")
     p.add_argument("--folds", type=int, default=3, help="teacher folds")
     p.add_argument("--teacher", default="2x64", help="teacher size LAYERSxHIDDEN")
     p.add_argument("--student", default="1x32", help="student size LAYERSxHIDDEN")
-    p.add_argument("--teacher-epochs", type=int, default=3)
+    p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--student-epochs", type=int, default=2)
     p.add_argument("--teacher-lr", type=float, default=3e-3)
     p.add_argument("--student-lr", type=float, default=1e-2)
@@ -132,10 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     combined = work / "train_plus_pseudo.csv"
     pd.concat([pd.read_csv(train_csv), pd.read_csv(labelled)], ignore_index=True).to_csv(combined, index=False)
     pseudo = train(work / "students" / "pseudo", [*student, f"data.train_csv={combined}"], logs)
+    # control: more rows also mean more optimizer steps at the same epochs; train alone for as many steps
+    steps = json.loads((work / "students" / "pseudo" / "run_info.json").read_text())["total_steps"]
+    same_steps = train(work / "students" / "train_only_same_steps",
+                       [*student, f"data.train_csv={train_csv}", f"train.max_steps={steps}"], logs)
 
     result = {
         "bench": "distill", "distilled": round(distilled, 5), "hard": round(hard, 5), "pseudo": round(pseudo, 5),
         "train_only": round(hard, 5), "distill_gain": round(hard - distilled, 5), "pseudo_gain": round(hard - pseudo, 5),
+        "train_only_same_steps": round(same_steps, 5), "pseudo_steps": steps,
         "teacher_fold_val_logloss": [round(v, 5) for v in teacher_val],
         "settings": {"rows": args.rows, "extra_rows": args.extra_rows, "valid_rows": args.valid_rows,
                      "label_noise": args.label_noise, "folds": args.folds, "teacher": args.teacher,
