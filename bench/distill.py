@@ -1,6 +1,6 @@
 """Do soft targets help? Distillation of out-of-fold teacher probabilities, and pseudo-labelled extra rows (CPU).
 
-Run from the repository root (nothing downloaded; about 10 minutes on 2 CPU cores with the defaults):
+Run from the repository root (nothing downloaded; 4 minutes on 2 idle CPU cores with the defaults, 10 when shared):
 
     python bench/distill.py [--label-noise 0.3] [--rows 600] [--extra-rows 600] [--folds 3] [--workdir DIR]
 
