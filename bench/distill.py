@@ -2,7 +2,7 @@
 
 Run from the repository root (nothing downloaded; 4 minutes on 2 idle CPU cores with the defaults, 10 when shared):
 
-    python bench/distill.py [--label-noise 0.3] [--rows 600] [--extra-rows 600] [--folds 3] [--workdir DIR]
+    python bench/distill.py [--label-noise 0.2] [--rows 1000] [--extra-rows 600] [--folds 3] [--seed 0] [--workdir DIR]
 
 The pipeline is the one a user runs, one subprocess per command:
   data      `arena-data sample`: a noisy training file (--label-noise of the labels redrawn at random), its extra
