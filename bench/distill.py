@@ -18,6 +18,11 @@ The pipeline is the one a user runs, one subprocess per command:
             train alone for as many optimizer steps as the pseudo run took (`train_only_same_steps`)
 Every student is scored on the clean validation file: the export's validation log loss (A/B-swap TTA, no
 temperature scaling, so calibration gains are not fitted away). The last line is one JSON object.
+
+Measured (defaults, seeds 0 / 1 / 2; distilled vs hard, pseudo vs train_only, train_only_same_steps): 0.331 vs 0.380,
+0.405 vs 0.380, 0.232; 0.296 vs 1.095, 0.262 vs 1.095, 0.646; 1.095 vs 0.286, 0.336 vs 0.286, 0.243. Not robust: a
+run that never leaves the tiny student's initial plateau (~1.095) decides each pair; more seeds or a student that
+trains reliably are needed before these pairs say anything about soft targets.
 """
 from __future__ import annotations
 
