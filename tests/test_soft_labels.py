@@ -283,3 +283,22 @@ def test_rows_with_neither_label_are_refused(sample_dir):
     with pytest.raises(ConfigError, match=r"column winner_model_a: 1 training rows have neither a hard label nor a "
                                           r"soft one \(e.g. id 77\)"):
         check_soft_coverage(cfg, bad)
+
+
+def test_sample_label_noise_redraws_labels_and_is_checked(tmp_path):
+    import json
+
+    from data.synthetic import make_rows
+
+    def consistent(rows):
+        """Share of labels that match the planted signal (the better response's helpful opener; tie: equal quality)."""
+        good = lambda cell: any(t and t.startswith(("Certainly!", "Great question!")) for t in json.loads(cell))  # noqa: E731
+        truth = [2 if good(r["response_a"]) == good(r["response_b"]) else 0 if good(r["response_a"]) else 1 for r in rows]
+        label = [[r["winner_model_a"], r["winner_model_b"], r["winner_tie"]].index(1) for r in rows]
+        whole = np.array([None not in json.loads(r["response_a"]) + json.loads(r["response_b"]) for r in rows])
+        return np.mean((np.array(truth) == np.array(label))[whole])  # a null turn may hide the opener
+
+    assert consistent(make_rows(300, seed=4, label_noise=0.0)) == 1.0
+    assert 0.55 < consistent(make_rows(300, seed=4, label_noise=0.5)) < 0.8  # 1 - 0.5 * 2/3 expected
+    r = _data("sample", "--out", str(tmp_path / "s"), "--rows", "10", "--label-noise", "1.5")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--label-noise must be in [0, 1], got 1.5" in r.stderr
