@@ -80,7 +80,8 @@ class RandomBatchSampler:
 
 
 def collate_padded(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids (B, T), attention_mask (B, T), labels (B,).
+    """Right-padded batch: input_ids (B, T), attention_mask (B, T), labels (B,) (-1: no hard label), and
+    soft (B, 3) / soft_mask (B,) (see `soft_targets`).
 
     Right padding keeps position ids 0..len-1 for every row without passing position_ids; the classifier pools the
     last real token found from the mask.
@@ -88,8 +89,20 @@ def collate_padded(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Ten
     if not examples:
         raise ValueError("cannot collate an empty batch")
     ids, mask = pad_right([e["input_ids"] for e in examples], pad_id)
-    labels = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    labels = torch.tensor([int(e["label"]) if e.get("label") is not None else -1 for e in examples], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, **soft_targets(examples)}
+
+
+def soft_targets(examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """soft (N, 3) float32 targets and soft_mask (N,) bool from each example's optional "soft" triple (None: no
+    soft target, zeros). Shared by the padded and the packed collators."""
+    soft = torch.zeros((len(examples), 3), dtype=torch.float32)
+    mask = torch.zeros(len(examples), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        if e.get("soft") is not None:
+            soft[i] = torch.as_tensor(e["soft"], dtype=torch.float32)
+            mask[i] = True
+    return {"soft": soft, "soft_mask": mask}
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

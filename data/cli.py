@@ -24,11 +24,15 @@ MAX_PROBLEMS_SHOWN = 50
 
 
 def _validate(args) -> int:
-    from .reading import validate
+    from .reading import DataError, read_battles
 
-    rows, problems = validate(args.file)
+    try:
+        battles, problems = read_battles(args.file), []
+    except DataError as e:
+        battles, problems = [], e.problems
     if not problems:
-        print(f"{args.file}: OK, {rows} rows")
+        soft = sum(b.soft is not None for b in battles)
+        print(f"{args.file}: OK, {len(battles)} rows" + (f" ({soft} soft-labelled: probabilities, no hard label)" if soft else ""))
         return 0
     for p in problems[:MAX_PROBLEMS_SHOWN]:
         print(p)
@@ -41,7 +45,7 @@ def _validate(args) -> int:
 def _sample(args) -> int:
     from .synthetic import write_sample
 
-    paths = write_sample(args.out, rows=args.rows, seed=args.seed, test_rows=args.test_rows)
+    paths = write_sample(args.out, rows=args.rows, seed=args.seed, test_rows=args.test_rows, label_noise=args.label_noise)
     for name, p in paths.items():
         print(f"wrote {p}")
     return 0
@@ -71,6 +75,10 @@ def _stats(args) -> int:
         prior_ll = -float(np.sum(prior * np.log(np.clip(prior, 1e-15, 1))))
         shares = "  ".join(f"{name} {c} ({c / counts.sum():.1%})" for name, c in zip(LABEL_NAMES, counts))
         print(f"labels: {shares}  prior log loss {prior_ll:.4f} (uniform {math.log(3):.4f})")
+    soft = np.array([b.soft for b in battles if b.soft is not None])
+    if len(soft):
+        mean = "  ".join(f"{name} {p:.3f}" for name, p in zip(LABEL_NAMES, soft.mean(axis=0)))
+        print(f"soft labels (no hard label): {len(soft)} rows, mean probabilities {mean}")
     nulls = sum(t == "" for b in battles for t in (*b.response_a, *b.response_b))
     print(f"empty or null response turns: {nulls}")
     if not args.tokenizer:
@@ -283,7 +291,8 @@ def _blend(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="arena-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="check a train.csv / test.csv; exit 1 listing every problem (file, line, id, column)")
+    v = sub.add_parser("validate", help="check a train.csv / test.csv; exit 1 listing every problem (file, line, id, column). "
+                                        "Winner columns may hold one-hot labels or soft probabilities summing to 1")
     v.add_argument("file")
     v.set_defaults(func=_validate)
     s = sub.add_parser("sample", help="write synthetic train.csv, test.csv, sample_submission.csv in Kaggle format")
@@ -291,10 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", type=int, default=2000, help="train rows (default 2000)")
     s.add_argument("--test-rows", type=int, default=None, help="test rows (default rows/4)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--label-noise", type=float, default=0.10, metavar="P",
+                   help="share of train.csv labels redrawn at random (default 0.10; 0 writes clean labels)")
     s.set_defaults(func=_sample)
     c = sub.add_parser("score", help="competition log loss (eps=auto) and accuracy of a submission")
     c.add_argument("--submission", required=True, help="submission.csv (id,winner_model_a,winner_model_b,winner_tie)")
-    c.add_argument("--labels", required=True, help="a labelled CSV in train.csv format")
+    c.add_argument("--labels", required=True, help="a labelled CSV in train.csv format (hard, one-hot labels)")
     c.set_defaults(func=_score)
     t = sub.add_parser("stats", help="rows, turns, label balance, token-length percentiles, truncation rate")
     t.add_argument("file")

@@ -18,7 +18,8 @@ from .template import FormatConfig, Formatter
 from .tokenizer import cache_root, file_digest
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: [CLS] starts encoder sequences
+CACHE_VERSION = 3  # 2: [CLS] starts encoder sequences; 3: soft column
+NO_SOFT = [-1.0, -1.0, -1.0]  # the `soft` value of a row without soft label
 
 
 def tokenizer_digest(tok) -> str:
@@ -34,10 +35,11 @@ def cache_key(csv_path: str | Path, tok, fmt: FormatConfig, num_folds: int, seed
 
 
 def build_records(battles, formatter: Formatter, folds, chunk: int = 512, progress: bool = True) -> dict[str, list]:
-    """Column dict: id, input_ids, swap_input_ids (the A/B-swapped rendering), length, label (-1: none), fold."""
+    """Column dict: id, input_ids, swap_input_ids (the A/B-swapped rendering), length, label (-1: none),
+    soft ((pA, pB, pTie) of a soft-labelled row, NO_SOFT: none), fold."""
     from tqdm.auto import tqdm
 
-    cols: dict[str, list] = {k: [] for k in ("id", "input_ids", "swap_input_ids", "length", "label", "fold")}
+    cols: dict[str, list] = {k: [] for k in ("id", "input_ids", "swap_input_ids", "length", "label", "soft", "fold")}
     bar = tqdm(total=len(battles), desc="tokenizing", unit="row", disable=not progress)
     for s in range(0, len(battles), chunk):
         part = battles[s : s + chunk]
@@ -48,6 +50,7 @@ def build_records(battles, formatter: Formatter, folds, chunk: int = 512, progre
             cols["swap_input_ids"].append(formatter.render(turns, swap=True))
             cols["length"].append(len(ids))
             cols["label"].append(-1 if b.label is None else int(b.label))
+            cols["soft"].append(NO_SOFT if b.soft is None else [float(x) for x in b.soft])
             cols["fold"].append(int(folds[s + i]))
         bar.update(len(part))
     bar.close()

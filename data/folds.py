@@ -18,12 +18,14 @@ def prompt_key(b: Battle) -> str:
 def assign_folds(battles: Sequence[Battle], k: int = 5, seed: int = 0) -> np.ndarray:
     """Fold index per battle. Groups (same prompt) go whole to the fold whose label mix stays closest to the global one.
 
-    Unlabelled battles count as one class of their own, so the function also works on test files.
+    Soft-labelled battles (no hard label) stratify by the argmax of their probabilities; unlabelled battles count
+    as one class of their own, so the function also works on test files.
     """
     if k < 2:
         raise ValueError(f"k must be >= 2, got {k}")
     keys = [prompt_key(b) for b in battles]
-    labels = np.array([3 if b.label is None else b.label for b in battles])
+    labels = np.array([b.label if b.label is not None else 3 if b.soft is None else int(np.argmax(b.soft))
+                       for b in battles])
     groups: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
         groups.setdefault(key, []).append(i)

@@ -39,6 +39,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from .batching import soft_targets
+
 # --------------------------------------------------------------------------------------------------------- bin packing
 
 
@@ -288,7 +290,8 @@ def last_token_index(lengths: Sequence[int]) -> np.ndarray:
 def collate_packed(features: Sequence[dict[str, Any]], input_key: str = "input_ids",
                    label_key: str = "label") -> dict[str, Any]:
     """One packed row from dataset rows: input_ids / position_ids (1, T), cu_seqlens (N+1,) int32, max_seqlen (int),
-    pool_index (N,), labels (N,) (-1 where a row has no label), num_examples (int)."""
+    pool_index (N,), labels (N,) (-1 where a row has no label), soft (N, 3) / soft_mask (N,) (data.batching.soft_targets),
+    num_examples (int)."""
     if not features:
         raise ValueError("collate_packed got an empty micro-batch")
     ids = [np.asarray(f[input_key], dtype=np.int64) for f in features]
@@ -304,6 +307,7 @@ def collate_packed(features: Sequence[dict[str, Any]], input_key: str = "input_i
         "pool_index": torch.from_numpy(last_token_index(lengths)),
         "labels": torch.tensor(labels, dtype=torch.long),
         "num_examples": len(features),
+        **soft_targets(features),
     }
 
 

@@ -17,6 +17,7 @@ TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 LABEL_NAMES = ("A", "B", "tie")  # class index 0, 1, 2 everywhere in the project
 SWAP_CLASSES = (1, 0, 2)  # class i of a battle is class SWAP_CLASSES[i] of its A/B swap (a permutation, own inverse)
+SOFT_TOLERANCE = 1e-4  # a soft label's three probabilities must sum to 1 within this
 
 
 class DataError(ValueError):
@@ -51,7 +52,11 @@ class Problem:
 
 @dataclass(frozen=True)
 class Battle:
-    """One arena battle. `label` is 0 (A wins), 1 (B wins), 2 (tie) or None for test rows."""
+    """One arena battle. `label` is 0 (A wins), 1 (B wins), 2 (tie) or None for test rows and soft rows.
+
+    `soft` holds (pA, pB, pTie) when the winner columns carry probabilities instead of a one-hot label (a
+    pseudo-labelled file): such a row has no hard label.
+    """
 
     id: int | str
     prompt: tuple[str, ...]
@@ -60,6 +65,7 @@ class Battle:
     model_a: str | None = None
     model_b: str | None = None
     label: int | None = None
+    soft: tuple[float, float, float] | None = None
     # Problems tolerated when reading leniently (inference must never drop a row).
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -98,9 +104,18 @@ def parse_turns(cell: object) -> list[str]:
 
 
 def swap(b: Battle) -> Battle:
-    """The same battle with A and B exchanged: responses, model names and label (tie stays tie)."""
+    """The same battle with A and B exchanged: responses, model names, label and soft label (tie stays tie)."""
     label = None if b.label is None else SWAP_CLASSES[b.label]
-    return replace(b, response_a=b.response_b, response_b=b.response_a, model_a=b.model_b, model_b=b.model_a, label=label)
+    soft = None if b.soft is None else swap_probs(b.soft)
+    return replace(b, response_a=b.response_b, response_b=b.response_a, model_a=b.model_b, model_b=b.model_a,
+                   label=label, soft=soft)
+
+
+def swap_probs(p):
+    """Class probabilities of the A/B-swapped battle (pA and pB exchanged); works on a triple or an (..., 3) array."""
+    if isinstance(p, tuple):
+        return tuple(p[c] for c in SWAP_CLASSES)
+    return p[..., list(SWAP_CLASSES)]
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -171,9 +186,9 @@ def read_battles(path: str | Path, *, labels: bool | None = None, lenient: bool 
         if len(set(counts.values())) > 1:
             desc = ", ".join(f"{c}={n}" for c, n in counts.items())
             row_problems.append(Problem(name, f"turn lists have different lengths ({desc})", row_id=rid, column="response_a" if counts.get("response_a") != counts.get("prompt") else "response_b", line=line))
-        label = None
+        label, soft = None, None
         if use_labels:
-            label, p = _parse_label(rec, name, rid, line)
+            label, soft, p = _parse_label(rec, name, rid, line)
             if p:
                 row_problems.append(p)
         if row_problems and not lenient:
@@ -190,6 +205,7 @@ def read_battles(path: str | Path, *, labels: bool | None = None, lenient: bool 
                 model_a=rec.get("model_a"),
                 model_b=rec.get("model_b"),
                 label=label,
+                soft=soft,
                 warnings=tuple(str(p) for p in row_problems),
             )
         )
@@ -198,20 +214,30 @@ def read_battles(path: str | Path, *, labels: bool | None = None, lenient: bool 
     return battles
 
 
-def _parse_label(rec: dict, name: str, rid: str, line: int) -> tuple[int | None, Problem | None]:
+def _parse_label(rec: dict, name: str, rid: str, line: int) -> tuple[int | None, tuple | None, Problem | None]:
+    """(hard label, soft triple, problem): one-hot rows are hard labels, probability triples summing to 1 are soft."""
     vals = []
     for c in LABEL_COLUMNS:
         v = (rec.get(c) or "").strip()
         try:
             f = float(v)
         except ValueError:
-            return None, Problem(name, f"winner value {v!r} is not a number", row_id=rid, column=c, line=line)
-        if f not in (0.0, 1.0):
-            return None, Problem(name, f"winner value {v!r} is not 0 or 1", row_id=rid, column=c, line=line)
-        vals.append(int(f))
-    if sum(vals) != 1:
-        return None, Problem(name, f"winner columns must hold exactly one 1, got {vals}", row_id=rid, column="winner_model_a", line=line)
-    return vals.index(1), None
+            return None, None, Problem(name, f"winner value {v!r} is not a number", row_id=rid, column=c, line=line)
+        if not 0.0 <= f <= 1.0:  # also catches NaN
+            return None, None, Problem(name, f"winner value {v!r} is not 0/1 or a probability in [0, 1]", row_id=rid,
+                                       column=c, line=line)
+        vals.append(f)
+    if all(f in (0.0, 1.0) for f in vals) and sum(vals) == 1:
+        return vals.index(1.0), None, None
+    if all(f in (0.0, 1.0) for f in vals):
+        return None, None, Problem(name, f"winner columns must hold exactly one 1, got {[int(f) for f in vals]}",
+                                   row_id=rid, column="winner_model_a", line=line)
+    total = math.fsum(vals)
+    if abs(total - 1.0) > SOFT_TOLERANCE:
+        return None, None, Problem(name, f"soft label probabilities must sum to 1, got {total:.6g} "
+                                         f"({', '.join(f'{v:g}' for v in vals)})", row_id=rid, column="winner_tie",
+                                   line=line)
+    return None, tuple(f / total for f in vals), None
 
 
 def validate(path: str | Path) -> tuple[int, list[Problem]]:
@@ -220,3 +246,12 @@ def validate(path: str | Path) -> tuple[int, list[Problem]]:
         return len(read_battles(path)), []
     except DataError as e:
         return 0, e.problems
+
+
+def require_hard_labels(battles, name: str) -> None:
+    """Refuse rows without a hard label (soft / pseudo-labelled rows) where a metric needs the true class."""
+    soft = [b for b in battles if b.label is None]
+    if soft:
+        raise DataError([Problem(name, f"no hard label ({len(soft)} of {len(battles)} rows hold soft probabilities, "
+                                       f"e.g. ids {', '.join(str(b.id) for b in soft[:5])}); scoring needs one-hot "
+                                       "winner columns", row_id=str(soft[0].id), column="winner_model_a")])

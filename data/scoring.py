@@ -57,9 +57,10 @@ def read_submission(path: str | Path):
 
 def score_submission(sub_path: str | Path, labels_path: str | Path) -> dict[str, float]:
     """Log loss and accuracy of a submission file against a labelled CSV (train.csv format)."""
-    from .reading import read_battles
+    from .reading import read_battles, require_hard_labels
 
     battles = read_battles(labels_path, labels=True)
+    require_hard_labels(battles, str(labels_path))
     sub = read_submission(sub_path)
     ids = [b.id for b in battles]
     missing = [i for i in ids if i not in sub.index]

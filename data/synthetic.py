@@ -3,7 +3,7 @@
 Quirks: multi-turn battles, JSON null turns, emoji / accents / CJK, lone surrogate escapes, long-tailed lengths,
 repeated prompts (so fold splitting must group them). Signal: every turn of a "good" response opens with a helpful
 phrase and is longer; "bad" ones open with a hedge. The better response wins, equal quality is a tie, and 10% of labels
-are flipped, so a small model can learn it but never reach zero loss.
+(`label_noise`) are redrawn at random, so a small model can learn it but never reach zero loss.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _response(rng: random.Random, topic: str, good: bool) -> str:
     return " ".join([opener] + [rng.choice(FILLER) for _ in range(min(n, 400))])
 
 
-def make_rows(n: int, seed: int = 0, labels: bool = True) -> list[dict]:
+def make_rows(n: int, seed: int = 0, labels: bool = True, label_noise: float = 0.10) -> list[dict]:
     rng = random.Random(seed)
     prompts_pool: list[list[str]] = []
     rows = []
@@ -54,7 +54,7 @@ def make_rows(n: int, seed: int = 0, labels: bool = True) -> list[dict]:
             if rng.random() < 0.03:
                 turns[rng.randrange(len(turns))] = None  # JSON null turn
         label = truth
-        if rng.random() < 0.10:
+        if rng.random() < label_noise:  # redrawn uniformly: 2/3 of these become a wrong label
             label = rng.randrange(3)
         ascii_json = rng.random() < 0.5
         dump = lambda x: json.dumps(x, ensure_ascii=ascii_json)  # noqa: E731
@@ -70,14 +70,19 @@ def make_rows(n: int, seed: int = 0, labels: bool = True) -> list[dict]:
     return rows
 
 
-def write_sample(out_dir: str | Path, rows: int = 2000, seed: int = 0, test_rows: int | None = None) -> dict[str, Path]:
-    """Write train.csv, test.csv and sample_submission.csv in the exact Kaggle format. Returns their paths."""
+def write_sample(out_dir: str | Path, rows: int = 2000, seed: int = 0, test_rows: int | None = None,
+                 label_noise: float = 0.10) -> dict[str, Path]:
+    """Write train.csv, test.csv and sample_submission.csv in the exact Kaggle format. Returns their paths.
+
+    label_noise: share of train.csv labels redrawn at random (0: clean labels, e.g. for a validation file)."""
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"--label-noise must be in [0, 1], got {label_noise}")
     import pandas as pd
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     test_rows = max(3, rows // 4) if test_rows is None else test_rows
-    train = pd.DataFrame(make_rows(rows, seed))
+    train = pd.DataFrame(make_rows(rows, seed, label_noise=label_noise))
     test = pd.DataFrame(make_rows(test_rows, seed + 1_000_003, labels=False))
     test["id"] = test["id"] + 10_000_000  # never collide with train ids
     test = test[["id", "prompt", "response_a", "response_b"]]

@@ -57,6 +57,15 @@ class DataConfig:
     max_tokens: int = 0  # tokens per packed row (packing only); at least format.max_length
     full_swap: bool = False  # train on every example and its A/B swap in the same step (labels A<->B swapped)
     cache_dir: str | None = None  # tokenized-dataset cache; None: $ARENA_CACHE/datasets
+    soft_labels: str | None = None  # submission-format CSV (id + 3 probabilities, e.g. teachers' out-of-fold) joined by id
+    soft_labels_missing: str = "error"  # training ids absent from soft_labels: "error", or "hard" (train on CE alone)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    alpha: float = 0.0  # weight of the soft term for rows with both targets (0: hard labels only, today's loss)
+    temperature: float = 1.0  # T of softmax(logits / T) in the soft term, which is scaled by T^2 (training/losses.py)
+    cosine: bool = False  # add 1 - cosine(softmax(logits / T), soft target) to the soft term (as 1st place LMSYS)
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     label_smoothing: float = 0.0
+    distill: DistillConfig = field(default_factory=DistillConfig)  # soft targets: data.soft_labels, soft rows
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     eval_every: int = 0  # optimizer steps between evaluations (0: only at the end)
     save_every: int = 0  # optimizer steps between checkpoints (0: none)
@@ -432,7 +442,7 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
     if not d.train_csv:
         raise err("data.train_csv", "required")
     if check_files:
-        for key, p in (("data.train_csv", d.train_csv), ("data.valid_csv", d.valid_csv)):
+        for key, p in (("data.train_csv", d.train_csv), ("data.valid_csv", d.valid_csv), ("data.soft_labels", d.soft_labels)):
             if p and not Path(p).exists():
                 raise err(key, f"file not found: {p}")
     if m.init_from is not None:
@@ -477,6 +487,12 @@ def validate(cfg: RunConfig, check_files: bool = True) -> None:
         raise err("train.warmup_ratio", "warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
     if t.max_grad_norm < 0 or not 0 <= t.label_smoothing < 1:
         raise err("train.max_grad_norm", "max_grad_norm must be >= 0 and label_smoothing in [0, 1)")
+    if not 0.0 <= t.distill.alpha <= 1.0:
+        raise err("train.distill.alpha", f"must be in [0, 1], got {t.distill.alpha}")
+    if not t.distill.temperature > 0:
+        raise err("train.distill.temperature", f"must be > 0, got {t.distill.temperature}")
+    if d.soft_labels_missing not in ("error", "hard"):
+        raise err("data.soft_labels_missing", f"must be error or hard, got {d.soft_labels_missing!r}")
     if t.export not in ("best", "last"):
         raise err("train.export", f"must be best or last, got {t.export!r}")
     has_valid = d.valid_csv is not None or d.valid_fold is not None

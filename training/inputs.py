@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from data.reading import SWAP_CLASSES
+from data.reading import SWAP_CLASSES, swap_probs
 
 from .config import RunConfig, pretrained_source
 from .distributed import Dist
@@ -62,23 +62,76 @@ def load_splits(cfg: RunConfig, tokenizer, dist: Dist) -> Splits:
         dist.barrier()  # the others read rank 0's cache
         return ds if ds is not None else tokenized_dataset(path, tokenizer, d.format, progress=False, **kw)
 
-    full = load(d.train_csv)
+    full = attach_soft_labels(cfg, load(d.train_csv))
     labels = np.asarray(full["label"])
-    if (labels < 0).any():
-        raise ValueError(f"{d.train_csv}: {int((labels < 0).sum())} rows have no label (winner_* columns)")
     if d.valid_csv:
         train, valid = full, load(d.valid_csv)
-        if (np.asarray(valid["label"]) < 0).any():
-            raise ValueError(f"{d.valid_csv}: validation rows need labels")
+        unlabelled = np.flatnonzero(np.asarray(valid["label"]) < 0)
+        if len(unlabelled):
+            from .config import ConfigError
+
+            raise ConfigError(f"data.valid_csv={d.valid_csv}: column winner_model_a: {len(unlabelled)} validation rows "
+                              f"have no hard label (e.g. id {valid['id'][int(unlabelled[0])]}); validation scores "
+                              "against hard labels only")
     elif d.valid_fold is not None:
         folds = np.asarray(full["fold"])
         train = full.select(np.flatnonzero(folds != d.valid_fold))
-        valid = full.select(np.flatnonzero(folds == d.valid_fold))
+        held = (folds == d.valid_fold)
+        # soft-only rows (pseudo-labels) cannot be scored: they leave the held-out fold (and do not train either,
+        # which keeps the folds prompt-grouped)
+        dropped = int((held & (labels < 0)).sum())
+        if dropped:
+            log.warning("%d rows of validation fold %d have no hard label (soft only): left out of validation",
+                        dropped, d.valid_fold)
+        valid = full.select(np.flatnonzero(held & (labels >= 0)))
     else:
         train, valid = full, None
     check_split_sizes(cfg, len(full), train, valid)
-    counts = np.bincount(np.asarray(train["label"]), minlength=3).astype(float)
-    return Splits(train=train, valid=valid, prior=(counts / counts.sum()).tolist())
+    check_soft_coverage(cfg, train)
+    return Splits(train=train, valid=valid, prior=class_prior(np.asarray(train["label"]), np.asarray(train["soft"])))
+
+
+def class_prior(labels: np.ndarray, soft: np.ndarray) -> list[float]:
+    """Class frequencies of the training rows: hard labels count one, rows without one add their probabilities."""
+    counts = np.bincount(labels[labels >= 0], minlength=3).astype(float)
+    counts += soft[labels < 0].clip(min=0).sum(axis=0) if (labels < 0).any() else 0.0
+    return (counts / counts.sum()).tolist()
+
+
+def attach_soft_labels(cfg: RunConfig, full):
+    """The dataset with data.soft_labels joined by id into its `soft` column (not cached: a new soft file never
+    re-tokenizes). Ids missing from the soft file fail (or train on the hard term with soft_labels_missing=hard)."""
+    d = cfg.data
+    if not d.soft_labels:
+        return full
+    from data.soft_labels import join_soft_labels, read_soft_labels
+
+    needed = np.ones(len(full), dtype=bool)
+    if d.valid_csv is None and d.valid_fold is not None:
+        needed = np.asarray(full["fold"]) != d.valid_fold  # validation rows score on hard labels only
+    j = join_soft_labels(full["id"], np.asarray(full["soft"]), read_soft_labels(d.soft_labels), needed)
+    if j.missing and d.soft_labels_missing == "error":
+        from .config import ConfigError
+
+        raise ConfigError(f"data.soft_labels={d.soft_labels}: column id: {len(j.missing)} training ids of "
+                          f"{d.train_csv} have no soft label (e.g. {', '.join(j.missing[:5])}); set "
+                          "data.soft_labels_missing=hard to train those rows on their hard label alone")
+    log.info("data.soft_labels: %d rows joined, %d training ids without a soft label (%s), %d ids of %s not in %s "
+             "(ignored)", j.joined, len(j.missing), "hard term only" if j.missing else "-", j.unused, d.soft_labels,
+             d.train_csv)
+    return full.remove_columns("soft").add_column("soft", j.soft.tolist())
+
+
+def check_soft_coverage(cfg: RunConfig, train) -> None:
+    """Every training row needs a hard label or a soft target."""
+    from .config import ConfigError
+
+    labels, soft = np.asarray(train["label"]), np.asarray(train["soft"])
+    none = np.flatnonzero((labels < 0) & (soft[:, 0] < 0))
+    if len(none):
+        raise ConfigError(f"data.train_csv={cfg.data.train_csv}: column winner_model_a: {len(none)} training rows have "
+                          f"neither a hard label nor a soft one (e.g. id {train['id'][int(none[0])]}); give label "
+                          "columns or data.soft_labels")
 
 
 def check_split_sizes(cfg: RunConfig, rows: int, train, valid) -> None:
@@ -99,13 +152,18 @@ def check_split_sizes(cfg: RunConfig, rows: int, train, valid) -> None:
 
 
 def examples_of(ds, indices: list[int], full_swap: bool) -> list[dict]:
-    """Collator inputs for dataset rows; with full swap each row is followed by its A/B-swapped twin."""
-    cols = ds.select_columns(["input_ids", "label"] + (["swap_input_ids"] if full_swap else []))[indices]
+    """Collator inputs for dataset rows; with full swap each row is followed by its A/B-swapped twin (label and
+    soft target permuted by SWAP_CLASSES)."""
+    cols = ds.select_columns(["input_ids", "label"] + (["soft"] if "soft" in ds.column_names else [])
+                             + (["swap_input_ids"] if full_swap else []))[indices]
+    softs = cols.get("soft") or [None] * len(indices)
     out = []
-    for k, (ids, y) in enumerate(zip(cols["input_ids"], cols["label"])):
-        out.append({"input_ids": ids, "label": int(y)})
+    for k, (ids, y, q) in enumerate(zip(cols["input_ids"], cols["label"], softs)):
+        q = None if q is None or q[0] < 0 else tuple(q)
+        out.append({"input_ids": ids, "label": int(y), "soft": q})
         if full_swap:  # the swapped rendering is read only when it is used
-            out.append({"input_ids": cols["swap_input_ids"][k], "label": SWAP_LABEL[int(y)]})
+            out.append({"input_ids": cols["swap_input_ids"][k], "label": SWAP_LABEL[int(y)] if y >= 0 else -1,
+                        "soft": None if q is None else swap_probs(q)})
     return out
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from inference.submission import softmax, tta_average
@@ -34,6 +33,7 @@ from . import report
 from .export import export_model
 from .inputs import (eval_shard, examples_of, forward_kwargs, load_splits, make_collate, make_sampler, micro_batches,
                      prepare_tokenizer, to_device)
+from .losses import distill_loss
 from .metrics import MetricsLogger
 from .model import (attn_implementation_of, build_model, count_params, hf_config, hidden_size, make_optimizer,
                     make_scheduler, train_dtype)
@@ -135,8 +135,10 @@ def run(cfg: RunConfig) -> Path | None:
             batch, denominator = next(stream)
             batch = to_device(batch, dist.device)
             logits = engine(**forward_kwargs(batch, cfg.data.packing, attn))
-            loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum",
-                                   label_smoothing=cfg.train.label_smoothing) / denominator
+            dl = cfg.train.distill
+            loss = distill_loss(logits, batch["labels"], batch["soft"], batch["soft_mask"], alpha=dl.alpha,
+                                temperature=dl.temperature, cosine=dl.cosine,
+                                label_smoothing=cfg.train.label_smoothing) / denominator
             value = all_mean(loss.item(), dist)  # every rank sees the same value, so all stop together
             if not math.isfinite(value):
                 raise NonFiniteLoss(
