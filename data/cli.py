@@ -227,7 +227,7 @@ def _blend(args) -> int:
     from inference.submission import write_submission
 
     from .blend import align, blend, fit_temperature, fit_weights, parse_weights
-    from .reading import read_battles
+    from .reading import read_battles, require_hard_labels
     from .scoring import log_loss, read_probabilities
 
     err = args._parser.error
@@ -263,6 +263,7 @@ def _blend(args) -> int:
             return 0
 
     battles = read_battles(args.labels, labels=True)
+    require_hard_labels(battles, str(args.labels))  # weights are fitted to true classes, not to soft labels
     y = np.array([b.label for b in battles])
     rows = align(files, [b.id for b in battles], args.labels, exact=False)
     single = [log_loss(r, y) for r in rows]

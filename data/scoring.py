@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .reading import LABEL_COLUMNS, DataError, Problem
+from .reading import LABEL_COLUMNS, SOFT_TOLERANCE, DataError, Problem
 
 SUBMISSION_COLUMNS = ("id", *LABEL_COLUMNS)
 
@@ -74,7 +74,7 @@ def score_submission(sub_path: str | Path, labels_path: str | Path) -> dict[str,
     return {"log_loss": log_loss(probs, y), "accuracy": accuracy(probs, y), "rows": len(y), "uniform": math.log(3)}
 
 
-SUM_TOLERANCE = 1e-4  # a probability row may sum to 1 +- this (rounded CSV values); anything else is a wrong file
+SUM_TOLERANCE = SOFT_TOLERANCE  # a probability row may sum to 1 +- this (rounded CSV values); anything else is a wrong file
 
 
 def read_probabilities(path: str | Path, tol: float = SUM_TOLERANCE) -> tuple[list, np.ndarray]:
@@ -90,8 +90,9 @@ def read_probabilities(path: str | Path, tol: float = SUM_TOLERANCE) -> tuple[li
     bad = np.flatnonzero(np.abs(sums - 1.0) > tol)
     if len(bad):
         cols = "+".join(LABEL_COLUMNS)
+        # pandas drops line numbers: data row i is CSV line i + 2 (the header is line 1)
         problems = [Problem(str(path), f"probabilities sum to {sums[i]:.6g}, not 1 (tolerance {tol:g})",
-                            row_id=str(sub.index[i]), column=cols) for i in bad[:10]]
+                            row_id=str(sub.index[i]), column=cols, line=int(i) + 2) for i in bad[:10]]
         if len(bad) > 10:
             problems.append(Problem(str(path), f"... {len(bad)} rows in total do not sum to 1", column=cols))
         raise DataError(problems)

@@ -10,23 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .reading import LABEL_COLUMNS, SOFT_TOLERANCE, DataError, Problem
 
 
 def read_soft_labels(path: str | Path) -> dict[str, np.ndarray]:
     """id (as a string) -> probabilities (3,), each row checked to sum to 1 (then renormalised exactly)."""
-    from .scoring import read_submission
+    from .scoring import read_probabilities
 
-    sub = read_submission(path)
-    probs = sub[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
-    sums = probs.sum(axis=1)
-    bad = np.flatnonzero(np.abs(sums - 1.0) > SOFT_TOLERANCE)
-    if len(bad):
-        # pandas drops the line number; data line i is CSV line i + 2 (header is line 1)
-        raise DataError([Problem(str(path), f"probabilities must sum to 1, got {sums[i]:.6g}", row_id=str(sub.index[i]),
-                                 column="winner_tie", line=int(i) + 2) for i in bad[:20]])
-    probs = probs / sums[:, None]
-    return {str(rid): p for rid, p in zip(sub.index, probs)}
+    ids, probs = read_probabilities(path)
+    return {str(rid): p for rid, p in zip(ids, probs)}
 
 
 @dataclass

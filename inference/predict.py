@@ -36,7 +36,8 @@ from data.reading import Battle, read_battles
 from data.shards import file_sha256, shard_bounds, sidecar, sidecar_path, write_sidecar
 from inference import batching, budget
 from inference.loading import LoadSpec, ModelError, check_export, resolve_base_model
-from inference.submission import ensemble, resolve_prior, served_probs, validate_submission, write_submission
+from inference.submission import (ensemble, resolve_prior, served_probs, softmax, validate_submission,
+                                  write_submission)
 
 log = logging.getLogger("arena.predict")
 

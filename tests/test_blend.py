@@ -145,7 +145,7 @@ def test_cli_refuses_rows_not_summing_to_one_and_unknown_formats(files, tmp_path
     bad = write_sub(tmp_path / "bad.csv", files["ids"], good)
     r = run_data_process("blend", "--labels", files["labels"], "--predictions", files["good"], bad)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert f"{bad}: id {files['ids'][5]}: column winner_model_a+winner_model_b+winner_tie: probabilities sum to 2" \
+    assert f"{bad}: line 7: id {files['ids'][5]}: column winner_model_a+winner_model_b+winner_tie: probabilities sum to 2" \
         in r.stderr
     npz = tmp_path / "preds.npz"
     np.savez(npz, probs=good)
@@ -155,3 +155,16 @@ def test_cli_refuses_rows_not_summing_to_one_and_unknown_formats(files, tmp_path
     for path, expect in ((wrong, "header must be id,winner_model_a"), (tmp_path / "nope.csv", "cannot read")):
         code, _, err = run_data(capsys, "blend", "--labels", files["labels"], "--predictions", files["good"], path)
         assert code == 1 and f"{path}: " in err and expect in err, err
+
+
+def test_cli_refuses_soft_labels_as_the_fitting_target(files, tmp_path, capsys):
+    """Weights are fitted to true classes: a pseudo-labelled (soft) labels file is refused, naming file, id, column."""
+    train = pd.read_csv(files["labels"])
+    cols = ["winner_model_a", "winner_model_b", "winner_tie"]
+    train[cols] = train[cols].astype(float)
+    train.loc[3, cols] = [0.5, 0.3, 0.2]
+    soft = tmp_path / "soft.csv"
+    train.to_csv(soft, index=False)
+    code, _, err = run_data(capsys, "blend", "--labels", soft, "--predictions", files["good"], files["noise"])
+    assert code == 1 and "Traceback" not in err
+    assert f"{soft}: id {train.loc[3, 'id']}: column winner_model_a: no hard label" in err, err

@@ -11,7 +11,6 @@ import ast
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement

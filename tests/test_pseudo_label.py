@@ -99,7 +99,7 @@ def test_refuses_predictions_missing_ids_or_not_summing_to_one(case, tmp_path, c
     bad = write_sub(tmp_path / "bad.csv", ids, p)
     r = run_data_process("pseudo-label", "--data", case["data"], "--predictions", bad, "--out", out)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert f"{bad}: id {ids[4]}: column winner_model_a+winner_model_b+winner_tie: probabilities sum to 2.7" in r.stderr
+    assert f"{bad}: line 6: id {ids[4]}: column winner_model_a+winner_model_b+winner_tie: probabilities sum to 2.7" in r.stderr
     assert not out.exists()
 
 

@@ -113,7 +113,7 @@ def test_merge_refuses_rows_not_summing_to_one_and_a_wrong_header(shards, tmp_pa
     p1.write_text("\n".join(text) + "\n")
     r = run_data_process("merge", p0, p1, p2, "--out", tmp_path / "m.csv")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert f"{p1}: id {rid}: column winner_model_a+winner_model_b+winner_tie: probabilities sum to 1.5" in r.stderr
+    assert f"{p1}: line 4: id {rid}: column winner_model_a+winner_model_b+winner_tie: probabilities sum to 1.5" in r.stderr
     p1.write_text("id,a,b,c\n1,0.2,0.3,0.5\n")
     r = run_data_process("merge", p0, p1, p2, "--out", tmp_path / "m.csv")
     assert r.returncode == 1 and f"{p1}: header must be id,winner_model_a" in r.stderr and "Traceback" not in r.stderr

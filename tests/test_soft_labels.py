@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from data.reading import SWAP_CLASSES, DataError, read_battles, swap
 from tests.conftest import ROOT
-from tests.test_reading import HEADER, _row, _write
+from tests.test_reading import _row, _write
 from training.losses import distill_loss, soft_term
 
 
@@ -76,7 +76,8 @@ def test_soft_labels_file_must_sum_to_one(tmp_path):
     p.write_text("id,winner_model_a,winner_model_b,winner_tie\n1,0.5,0.25,0.25\n7,0.5,0.2,0.2\n")
     with pytest.raises(DataError) as e:
         read_soft_labels(p)
-    assert str(e.value) == f"{p}: line 3: id 7: column winner_tie: probabilities must sum to 1, got 0.9"
+    assert str(e.value) == (f"{p}: line 3: id 7: column winner_model_a+winner_model_b+winner_tie: "
+                            "probabilities sum to 0.9, not 1 (tolerance 0.0001)")
     p.write_text("id,winner_model_a,winner_model_b,winner_tie\n1,0.5,0.25,0.25\n7,0.5,0.2,0.30001\n")
     table = read_soft_labels(p)
     assert set(table) == {"1", "7"} and table["7"].sum() == pytest.approx(1.0, abs=1e-12)
