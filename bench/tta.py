@@ -2,7 +2,7 @@
 
     python bench/tta.py                                   # MiniLM-L6 on 4/5 of the real rows (10-35 min on 2 cores)
     python bench/tta.py --workdir /tmp/tta --reuse        # re-score an export trained before (seconds + scoring)
-    python bench/tta.py --tiny                            # the tiny preset on synthetic data (no ../shared needed)
+    python bench/tta.py --tiny                            # the tiny preset on 3,000 synthetic rows, 200 steps (~3 min)
 
 `arena-predict --tta auto|FRACTION` scores every row once, then swaps the rows whose first-view probabilities have
 the highest entropy first. This measures what that order buys. A model is fine-tuned by `arena-train` on the
@@ -127,13 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", help="labelled CSV (default: the real 999 rows under ../shared; --tiny: synthetic)")
-    p.add_argument("--tiny", action="store_true", help="the tiny preset on 600 synthetic rows instead of MiniLM")
-    p.add_argument("--max-steps", type=int, default=60, help="optimizer steps (default %(default)s)")
+    p.add_argument("--tiny", action="store_true", help="the tiny preset on --rows synthetic rows instead of MiniLM")
+    p.add_argument("--rows", type=int, default=3000, help="--tiny: synthetic training rows (default %(default)s)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="optimizer steps (default 60 for MiniLM, 200 for --tiny: a model that has learned something)")
     p.add_argument("--max-length", type=int, default=256, help="MiniLM tokens per battle (default %(default)s)")
     p.add_argument("--seeds", type=int, default=20, help="random orders averaged (default %(default)s)")
     p.add_argument("--workdir", help="keep the run here (default: a temporary directory)")
     p.add_argument("--reuse", action="store_true", help="score the export already in --workdir, do not train")
     args = p.parse_args(argv)
+    if args.max_steps is None:
+        args.max_steps = 200 if args.tiny else 60
 
     from data.folds import assign_folds
     from data.reading import read_battles
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny and not args.train:
         from data.synthetic import write_sample
 
-        write_sample(work / "data", rows=600, seed=0, test_rows=3)
+        write_sample(work / "data", rows=args.rows, seed=0, test_rows=3)
         args.train = str(work / "data" / "train.csv")
     args.train = args.train or str(SHARED / "data" / "arena-sample" / "train.csv")
     if not Path(args.train).exists():
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     prior = np.bincount(np.asarray([battles[i].label for i in range(len(battles)) if i not in set(held)]),
                         minlength=3)
     prior_loss = log_loss(np.tile(prior / prior.sum(), (len(y), 1)), y)
-    model = "tiny preset, synthetic rows" if args.tiny else f"MiniLM-L6, {args.max_steps} steps, max_length " \
+    model = f"tiny preset, {args.max_steps} steps, synthetic rows" if args.tiny else f"MiniLM-L6, {args.max_steps} steps, max_length " \
                                                             f"{args.max_length}"
     trained = "reused from --workdir" if args.reuse and t_train < 1 else f"in {t_train:.0f} s"
     print(f"{model}; trained on {len(battles) - len(held)} rows ({trained}), {len(y)} held-out rows scored "

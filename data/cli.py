@@ -139,6 +139,8 @@ def _convert(args) -> int:
         return 1
     _print_problems(summary, args, sys.stderr)
     labels = "  ".join(f"{name} {summary.labels[k]}" for k, name in enumerate(LABEL_NAMES))
+    if summary.labels[None]:
+        labels += f"  soft {summary.labels[None]}"
     print(f"wrote {args.out}: {summary.written} rows from {summary.records} records read as {args.fmt}, "
           f"{summary.problem_rows} skipped  (labels: {labels})")
     return 0
@@ -192,7 +194,8 @@ def _merge(args) -> int:
 
 
 def _pseudo_label(args) -> int:
-    from .pseudo import align_predictions, battle_keys, raw_rows, render, select, write_atomic
+    from .atomic import write_atomic
+    from .pseudo import align_predictions, battle_keys, raw_rows, render, select
     from .reading import DataError, Problem, read_battles
     from .scoring import read_probabilities
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from .atomic import atomic_path
 from .reading import LABEL_COLUMNS, TEXT_COLUMNS, Battle, DataError, Problem, _parse_label, _read_rows, clean_text, parse_turns
 
 FORMATS = ("chatbot-arena-conversations", "ultrafeedback", "kaggle")
@@ -225,14 +225,14 @@ def kaggle_row(rec: dict, seed: int = 0) -> Converted:
         raise RowError("prompt", "empty conversation (no turns)")
     for c in LABEL_COLUMNS:
         _field(rec, c)
-    label, problem = _parse_label({c: str(rec[c]) for c in LABEL_COLUMNS}, "", rid, 0)
+    label, soft, problem = _parse_label({c: str(rec[c]) for c in LABEL_COLUMNS}, "", rid, 0)
     if problem:
         raise RowError(problem.column, problem.message)
     models = [clean_text(rec.get(c)) for c in ("model_a", "model_b")]
     source = rec.get("source_id")  # a file this command wrote keeps its original source ids
     source_id = clean_text(source).strip() if isinstance(source, (str, int)) and str(source).strip() else rid
     battle = Battle(int(rid) if rid.lstrip("-").isdigit() else rid, tuple(turns["prompt"]), tuple(turns["response_a"]),
-                    tuple(turns["response_b"]), models[0], models[1], label)
+                    tuple(turns["response_b"]), models[0], models[1], label, soft=soft)  # soft: a pseudo-labelled file
     return Converted(battle, source_id)
 
 
@@ -287,9 +287,9 @@ def dump_turns(turns: Iterable[str]) -> str:
 def output_row(c: Converted) -> list[object]:
     """The CSV cells of one converted battle, in OUTPUT_COLUMNS order."""
     b = c.battle
-    one_hot = [int(b.label == k) for k in range(3)]
+    winner = [repr(float(p)) for p in b.soft] if b.soft is not None else [int(b.label == k) for k in range(3)]
     return [b.id, b.model_a or "", b.model_b or "", dump_turns(b.prompt), dump_turns(b.response_a), dump_turns(b.response_b),
-            *one_hot, c.source_id]
+            *winner, c.source_id]
 
 
 # ----------------------------------------------------------------------------------------------------------- the edges
@@ -436,9 +436,7 @@ def convert_file(fmt: str, input_path: str | Path, out_path: str | Path, *, seed
     records = counted(iter_records(input_path, fmt))
     if limit is not None:
         records = islice(records, limit)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out_path) as tmp:  # an error (or --strict) leaves no partial output
         with tmp.open("w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(OUTPUT_COLUMNS)
@@ -459,7 +457,4 @@ def convert_file(fmt: str, input_path: str | Path, out_path: str | Path, *, seed
             raise ConversionFailed(summary.problems, summary)
         if summary.written == 0:
             raise ConversionFailed([*summary.problems, Problem(str(input_path), f"no row could be converted as {fmt}")], summary)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return summary

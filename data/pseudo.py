@@ -85,12 +85,3 @@ def render(header: Sequence[str], records: Sequence[dict], probs: np.ndarray) ->
     for rec, p in zip(records, probs):
         w.writerow([rec.get(c, "") for c in cols[: -len(LABEL_COLUMNS)]] + [repr(float(x)) for x in p])
     return buf.getvalue()
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` via a temporary file and os.replace (training.report's helper), so readers never see half."""
-    from training.report import _atomic_write
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))

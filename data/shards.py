@@ -58,7 +58,7 @@ def sidecar(shard: int, of: int, test_rows: int, test: str | Path, test_sha256: 
 
 def write_sidecar(out: str | Path, info: dict) -> Path:
     """Atomically write the sidecar of shard output `out`."""
-    from .pseudo import write_atomic
+    from .atomic import write_atomic
 
     path = sidecar_path(out)
     write_atomic(path, json.dumps(info, indent=1) + "\n")

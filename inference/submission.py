@@ -7,12 +7,12 @@ kill at any moment, sees either the previous complete file or the new complete f
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from data.atomic import write_atomic
 from data.reading import LABEL_COLUMNS, SWAP_CLASSES
 
 HEADER = ("id", *LABEL_COLUMNS)
@@ -109,14 +109,7 @@ def write_submission(path: str | Path, ids: Sequence, probs: np.ndarray, prior: 
     if len(ids) != len(probs):
         raise ValueError(f"{len(ids)} ids but {len(probs)} probability rows")
     safe, bad = sanitize(probs, prior)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(format_rows(ids, safe))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, format_rows(ids, safe))
     return bad
 
 

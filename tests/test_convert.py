@@ -316,3 +316,18 @@ def test_files_written_by_datasets_convert_like_hand_written_ones(tmp_path):
         s = convert_file("chatbot-arena-conversations", tmp_path / name, out)
         assert (s.written, s.problem_rows) == (4, 0)
         assert out.read_text(encoding="utf-8") == reference.read_text(encoding="utf-8")
+
+
+def test_kaggle_keeps_soft_labels_of_a_pseudo_labelled_file(tmp_path):
+    """A pseudo-labelled file (winner columns holding probabilities) passes through with its soft labels."""
+    src = tmp_path / "pseudo.csv"
+    with src.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "prompt", "response_a", "response_b", "winner_model_a", "winner_model_b", "winner_tie"])
+        w.writerow([1, '["hi"]', '["a"]', '["b"]', 0.7, 0.2, 0.1])
+        w.writerow([2, '["yo"]', '["c"]', '["d"]', 0, 1, 0])
+    out = tmp_path / "out.csv"
+    r = run_cli("convert", "--from", "kaggle", src, "--out", out)
+    assert r.returncode == 0 and "soft 1" in r.stdout, r.stdout + r.stderr
+    a, b = read_battles(out)
+    assert a.label is None and a.soft == pytest.approx((0.7, 0.2, 0.1)) and b.label == 1 and b.soft is None

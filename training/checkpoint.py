@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import yaml
 
+from data.atomic import write_atomic  # noqa: F401  (train.py and metrics.py import it from here)
+
 from .config import RESUMABLE_CHANGES, RunConfig, config_diff, to_dict
 from .distributed import Dist
 
@@ -34,12 +36,6 @@ def checkpoint_root(cfg: RunConfig) -> Path:
 
 def tag_of(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

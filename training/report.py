@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from data.atomic import atomic_path, write_atomic
 from data.scoring import log_loss
 from inference.submission import softmax, tta_average
 
@@ -278,24 +278,12 @@ def read_predictions(path: str | Path) -> Predictions | None:
 # Writing
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then rename over `path`, so a reader never sees half a file."""
-    # Same directory so os.replace is a rename; pid in the name so two writers never share a temp file.
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
 
@@ -387,9 +375,9 @@ def write_report(run_dir: str | Path, temperature: float | None = None, temperat
             (out / name).unlink()
     summary["figures"] = {k: str(out / v) for k, v in figures.items()}
     text = _markdown(run_dir, summary, figures)
-    _atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomic(out / "report.md", text)
     summary["report"] = str(out / "report.md")
-    _atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
