@@ -29,133 +29,168 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "configs/tiny/llama_cpu.yaml"
 
 
-def model_overrides(layers: int, hidden: int) -> list[str]:
+def model_overrides(size: str, init_range: float) -> list[str]:
+    layers, hidden = map(int, size.split("x"))
     return [f"model.tiny.num_hidden_layers={layers}", f"model.tiny.hidden_size={hidden}",
-            f"model.tiny.intermediate_size={2 * hidden}"]
+            f"model.tiny.intermediate_size={2 * hidden}", f"model.tiny.initializer_range={init_range}"]
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path, threads: int) -> None:
     """One pipeline command; its output goes to `log`, a failure stops the bench showing the log's tail."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONPATH": str(ROOT),
-           "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
+           "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
     with open(log, "w") as f:
         r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    print(f"  {time.time() - t0:6.1f}s  {' '.join(cmd[1:4])} ... ({log.name})", file=sys.stderr, flush=True)
+    print(f"  {time.time() - t0:6.1f}s  {log.parent.parent.name}/{log.name}", file=sys.stderr, flush=True)
     if r.returncode != 0:
-        sys.exit(f"command failed (exit {r.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+        raise RuntimeError(f"command failed (exit {r.returncode}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
 
 
-def train(out: Path, overrides: list[str], logs: Path) -> float:
-    """Train one run; returns the exported model's validation log loss."""
+def train(out: Path, overrides: list[str], logs: Path, threads: int) -> tuple[float, int]:
+    """Train one run; returns the exported model's validation log loss and its optimizer steps."""
     run([sys.executable, "-m", "training", "--config", PRESET, f"output_dir={out}", "resume=never", *overrides],
-        logs / f"{out.parent.name}_{out.name}.log")
-    return float(json.loads((out / "final" / "arena.json").read_text())["val_logloss"])
+        logs / f"{out.parent.name}_{out.name}.log", threads)
+    val = float(json.loads((out / "final" / "arena.json").read_text())["val_logloss"])
+    return val, int(json.loads((out / "run_info.json").read_text())["total_steps"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, default=1000, help="noisy training rows")
-    p.add_argument("--extra-rows", type=int, default=600, help="unlabelled extra rows for pseudo-labelling")
-    p.add_argument("--valid-rows", type=int, default=300, help="clean validation rows")
-    p.add_argument("--label-noise", type=float, default=0.2, help="share of training labels redrawn at random")
-    p.add_argument("--folds", type=int, default=3, help="teacher folds")
-    p.add_argument("--teacher", default="2x64", help="teacher size LAYERSxHIDDEN")
-    p.add_argument("--student", default="1x32", help="student size LAYERSxHIDDEN")
-    p.add_argument("--teacher-epochs", type=int, default=6)
-    p.add_argument("--student-epochs", type=int, default=5)
-    p.add_argument("--teacher-lr", type=float, default=3e-3)
-    p.add_argument("--student-lr", type=float, default=1e-2)
-    p.add_argument("--micro-batch", type=int, default=16, help="data.micro_batch_size of every run")
-    p.add_argument("--alpha", type=float, default=0.5, help="train.distill.alpha of the distilled student")
-    p.add_argument("--temperature", type=float, default=1.0, help="train.distill.temperature")
-    p.add_argument("--cosine", action="store_true", help="train.distill.cosine")
-    p.add_argument("--max-length", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
-    args = p.parse_args(argv)
-    t_start = time.time()
-    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="distill-bench-"))
+def one_seed(args: argparse.Namespace, seed: int, work: Path, threads: int) -> dict:
+    """The whole pipeline for one seed (its own data, teachers and students); returns its log losses."""
+    py = sys.executable
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    print(f"bench/distill.py: working in {work}", file=sys.stderr)
 
-    # ---- data: noisy train + unlabelled extra rows, and a clean validation file
+    # ---- data: noisy train + unlabelled extra rows, and a CLEAN validation file (another seed, no noise)
     run([py, "-m", "data", "sample", "--out", str(work / "data"), "--rows", str(args.rows), "--test-rows",
-         str(args.extra_rows), "--seed", str(args.seed), "--label-noise", str(args.label_noise)], logs / "sample.log")
+         str(args.extra_rows), "--seed", str(seed), "--label-noise", str(args.label_noise)], logs / "sample.log", threads)
     run([py, "-m", "data", "sample", "--out", str(work / "clean"), "--rows", str(args.valid_rows), "--test-rows", "3",
-         "--seed", str(args.seed + 1), "--label-noise", "0"], logs / "sample_clean.log")
+         "--seed", str(seed + 10_000), "--label-noise", "0"], logs / "sample_clean.log", threads)
     train_csv, extra_csv, valid_csv = work / "data" / "train.csv", work / "data" / "test.csv", work / "clean" / "train.csv"
-    common = ["train.max_steps=null", "train.eval_every=0", "train.save_every=0", "train.warmup_steps=5",
-              "train.temperature_scaling=false", f"train.seed={args.seed}",
+    common = ["train.max_steps=null", "train.eval_every=0", "train.save_every=0",
+              f"train.warmup_ratio={args.warmup_ratio}", "train.warmup_steps=0",
+              "train.temperature_scaling=false", f"train.seed={seed}",
               f"data.format.max_length={args.max_length}", "deepspeed.config=configs/deepspeed/zero2.json",
               "deepspeed.param_persistence_threshold=null", "model.gradient_checkpointing=false",
               f"data.cache_dir={work / 'cache'}", f"data.micro_batch_size={args.micro_batch}"]
 
     # ---- teachers: K fold runs; fold 0 trains the tokenizer the others reuse
-    t_layers, t_hidden = map(int, args.teacher.split("x"))
     teacher_dirs, teacher_val = [], []
     tok = work / "teachers" / "fold0" / "tokenizer"
     for k in range(args.folds):
         out = work / "teachers" / f"fold{k}"
         teacher_dirs.append(out)
-        teacher_val.append(train(out, [*common, *model_overrides(t_layers, t_hidden), f"data.train_csv={train_csv}",
-                                       f"data.num_folds={args.folds}", f"data.valid_fold={k}",
-                                       f"train.epochs={args.teacher_epochs}", f"train.lr={args.teacher_lr}",
-                                       *([] if k == 0 else [f"data.tokenizer={tok}"])], logs))
+        teacher_val.append(train(out, [*common, *model_overrides(args.teacher, args.init_range),
+                                       f"data.train_csv={train_csv}", f"data.num_folds={args.folds}",
+                                       f"data.valid_fold={k}", f"train.epochs={args.teacher_epochs}",
+                                       f"train.lr={args.teacher_lr}", "train.export=last",
+                                       *([] if k == 0 else [f"data.tokenizer={tok}"])], logs, threads)[0])
     oof = work / "oof.csv"
-    run([py, "-m", "data", "oof", *map(str, teacher_dirs), "--out", str(oof)], logs / "oof.log")
+    run([py, "-m", "data", "oof", *map(str, teacher_dirs), "--out", str(oof)], logs / "oof.log", threads)
 
-    # ---- students: hard labels vs distilled, both scored on the clean validation file
-    s_layers, s_hidden = map(int, args.student.split("x"))
-    student = [*common, *model_overrides(s_layers, s_hidden), f"data.tokenizer={tok}", f"data.valid_csv={valid_csv}",
-               f"train.epochs={args.student_epochs}", f"train.lr={args.student_lr}", "train.export=last"]
-    hard = train(work / "students" / "hard", [*student, f"data.train_csv={train_csv}"], logs)
+    # ---- students: hard labels vs distilled (same data, seed, steps), both scored on the clean validation file
+    student = [*common, *model_overrides(args.student, args.init_range), f"data.tokenizer={tok}",
+               f"data.valid_csv={valid_csv}", f"train.lr={args.student_lr}", "train.export=last"]
+    hard, hard_steps = train(work / "students" / "hard", [*student, f"data.train_csv={train_csv}",
+                                                          f"train.epochs={args.student_epochs}"], logs, threads)
     distill = [f"data.soft_labels={oof}", f"train.distill.alpha={args.alpha}",
                f"train.distill.temperature={args.temperature}", f"train.distill.cosine={str(args.cosine).lower()}"]
-    distilled = train(work / "students" / "distilled", [*student, f"data.train_csv={train_csv}", *distill], logs)
+    distilled, _ = train(work / "students" / "distilled", [*student, f"data.train_csv={train_csv}",
+                                                           f"train.epochs={args.student_epochs}", *distill],
+                         logs, threads)
 
-    # ---- pseudo-labels: the teacher ensemble labels the extra rows, the student trains on train + them
+    # ---- pseudo-labels: the teacher fold ensemble labels the extra rows, the student trains on train + them
     probs = work / "extra_probs.csv"
     run([py, "-m", "inference", *[a for d in teacher_dirs for a in ("--model", str(d / "final"))], "--test",
-         str(extra_csv), "--out", str(probs), "--devices", "cpu", "--time-budget", "none"], logs / "predict.log")
+         str(extra_csv), "--out", str(probs), "--devices", "cpu", "--time-budget", "none"], logs / "predict.log",
+        threads)
     labelled = work / "extra_labelled.csv"
     run([py, "-m", "data", "pseudo-label", "--data", str(extra_csv), "--predictions", str(probs), "--out",
-         str(labelled)], logs / "pseudo_label.log")
+         str(labelled)], logs / "pseudo_label.log", threads)
     import pandas as pd
 
     combined = work / "train_plus_pseudo.csv"
     pd.concat([pd.read_csv(train_csv), pd.read_csv(labelled)], ignore_index=True).to_csv(combined, index=False)
-    pseudo = train(work / "students" / "pseudo", [*student, f"data.train_csv={combined}"], logs)
-    # control: more rows also mean more optimizer steps at the same epochs; train alone for as many steps
-    steps = json.loads((work / "students" / "pseudo" / "run_info.json").read_text())["total_steps"]
-    same_steps = train(work / "students" / "train_only_same_steps",
-                       [*student, f"data.train_csv={train_csv}", f"train.max_steps={steps}"], logs)
+    pseudo, steps = train(work / "students" / "pseudo", [*student, f"data.train_csv={combined}",
+                                                         f"train.epochs={args.pseudo_epochs}"], logs, threads)
+    # more rows also mean more optimizer steps: the same student on train alone for as many steps
+    same_steps, _ = train(work / "students" / "train_only_same_steps",
+                          [*student, f"data.train_csv={train_csv}", f"train.max_steps={steps}"],
+                          logs, threads)
+    return {"seed": seed, "distilled": distilled, "hard": hard, "pseudo": pseudo,
+            "train_only_same_steps": same_steps, "train_only_same_epochs": hard,
+            "train_only": min(same_steps, hard), "student_steps": hard_steps, "pseudo_steps": steps,
+            "teacher_fold_val_logloss": teacher_val}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds: each has its own data, teachers, students")
+    p.add_argument("--jobs", type=int, default=2, help="seeds run at once (each command then on 1 thread)")
+    p.add_argument("--rows", type=int, default=500, help="noisy training rows")
+    p.add_argument("--extra-rows", type=int, default=1500, help="unlabelled extra rows for pseudo-labelling")
+    p.add_argument("--valid-rows", type=int, default=400, help="clean validation rows")
+    p.add_argument("--label-noise", type=float, default=0.35, help="share of training labels redrawn at random")
+    p.add_argument("--folds", type=int, default=4, help="teacher folds")
+    p.add_argument("--teacher", default="2x64", help="teacher size LAYERSxHIDDEN")
+    p.add_argument("--student", default="1x32", help="student size LAYERSxHIDDEN")
+    p.add_argument("--init-range", type=float, default=0.1,
+                   help="model.tiny.initializer_range of every run (0.02 leaves some seeds on the ln 3 plateau)")
+    p.add_argument("--teacher-epochs", type=int, default=6)
+    p.add_argument("--student-epochs", type=int, default=6)
+    p.add_argument("--pseudo-epochs", type=int, default=2, help="epochs of the train + pseudo-labelled student")
+    p.add_argument("--teacher-lr", type=float, default=3e-3)
+    p.add_argument("--student-lr", type=float, default=1e-2)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--micro-batch", type=int, default=16, help="data.micro_batch_size of every run")
+    p.add_argument("--alpha", type=float, default=0.8, help="train.distill.alpha of the distilled student")
+    p.add_argument("--temperature", type=float, default=1.0, help="train.distill.temperature")
+    p.add_argument("--cosine", action="store_true", help="train.distill.cosine")
+    p.add_argument("--max-length", type=int, default=96)
+    p.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    t_start = time.time()
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="distill-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"bench/distill.py: working in {work}", file=sys.stderr)
+    jobs = max(1, min(args.jobs, len(seeds)))
+    threads = 1 if jobs > 1 else int(os.environ.get("OMP_NUM_THREADS", "2"))
+    try:
+        with ThreadPoolExecutor(jobs) as pool:
+            per_seed = list(pool.map(lambda s: one_seed(args, s, work / f"seed{s}", threads), seeds))
+    except RuntimeError as e:
+        sys.exit(str(e))
+
+    def summary(key: str) -> float:
+        return round(statistics.mean(r[key] for r in per_seed), 5)
+
+    def values(key: str) -> list[float]:
+        return [round(r[key], 5) for r in per_seed]
 
     result = {
-        "bench": "distill", "distilled": round(distilled, 5), "hard": round(hard, 5), "pseudo": round(pseudo, 5),
-        "train_only": round(hard, 5), "distill_gain": round(hard - distilled, 5), "pseudo_gain": round(hard - pseudo, 5),
-        "train_only_same_steps": round(same_steps, 5), "pseudo_steps": steps,
-        "teacher_fold_val_logloss": [round(v, 5) for v in teacher_val],
-        "settings": {"rows": args.rows, "extra_rows": args.extra_rows, "valid_rows": args.valid_rows,
-                     "label_noise": args.label_noise, "folds": args.folds, "teacher": args.teacher,
-                     "student": args.student, "teacher_epochs": args.teacher_epochs,
-                     "student_epochs": args.student_epochs, "teacher_lr": args.teacher_lr,
-                     "student_lr": args.student_lr, "micro_batch": args.micro_batch, "alpha": args.alpha,
-                     "temperature": args.temperature,
-                     "cosine": args.cosine, "max_length": args.max_length, "seed": args.seed,
-                     "train_only_is_the_hard_run": True},
+        "bench": "distill", **{k: summary(k) for k in ("distilled", "hard", "pseudo", "train_only")},
+        "distill_wins": sum(r["distilled"] < r["hard"] for r in per_seed),
+        "pseudo_wins": sum(r["pseudo"] < r["train_only"] for r in per_seed), "seeds": seeds,
+        "per_seed": {k: values(k) for k in ("distilled", "hard", "pseudo", "train_only", "train_only_same_steps",
+                                            "train_only_same_epochs")},
+        "train_only_same_steps": summary("train_only_same_steps"),
+        "train_only_same_epochs": summary("train_only_same_epochs"),
+        "steps": {"student": [r["student_steps"] for r in per_seed], "pseudo": [r["pseudo_steps"] for r in per_seed]},
+        "teacher_fold_val_logloss": [[round(v, 5) for v in r["teacher_fold_val_logloss"]] for r in per_seed],
+        "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "seeds")},
         "seconds": round(time.time() - t_start, 1),
     }
     print(json.dumps(result))
