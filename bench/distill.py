@@ -33,7 +33,7 @@ Measured (defaults, seeds 0 / 1 / 2, 719 s on 2 cores shared with other jobs), c
             train_only is the same-epochs run every time: the same-steps one (224-242 steps vs 186) is worse,
             0.715 / 0.428 / 0.698 (more passes over 500 noisy rows fit the noise)
   teachers_clean (4-fold ensemble, one view) 0.456 / 0.326 / 0.400: the students approach it, none beats it.
-Held-out seeds 3 / 4 / 5 (never used while choosing settings; 16 minutes on busier cores): distilled 0.420 / 0.326 /
+Held-out seeds 3 / 4 / 5 (never used while choosing settings; 891 s on busier cores): distilled 0.420 / 0.326 /
 0.359 (mean 0.368) vs hard 0.646 / 0.378 / 0.445 (mean 0.490), 3 of 3; pseudo 0.459 / 0.338 / 0.415 (mean 0.404) vs
 train_only 0.632 / 0.378 / 0.441 (mean 0.484; same steps won on seeds 3 and 5), 3 of 3, but by only 0.026 on seed 5
 and 0.040 on seed 4 against gains of 0.1-0.2 on the worst seeds: pseudo's gain is smaller and less even than
