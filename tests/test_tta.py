@@ -152,10 +152,12 @@ def test_auto_under_a_short_budget_swaps_the_most_uncertain_and_finishes(off_res
         assert validate_submission(out, test_ids(sample_dir / "test.csv")) == []
         first_views_whole = not any("max_length" in m or "prior" in m for m in result.messages)
         n_swapped = len(swapped_rows(result.probs, off_run, on_run.probs)) if first_views_whole else -1
-        if 0 < n_swapped < 60:
+        if 0 < n_swapped < 60 and result.exit_code == EXIT_OK:
             break
+        # a DEGRADED run lost admitted swaps to the deadline (the machine slowed down after the projection): the
+        # swaps in flight then are cut in length order, not entropy order; repeat with a little more room
         startup = result.first_result_seconds or 2 * startup
-        scale *= 1.5 if not first_views_whole else 0.7
+        scale *= 1.5 if not first_views_whole or result.exit_code != EXIT_OK else 0.7
     assert first_views_whole, result.messages
     assert np.abs(read_sub(out)[1] - result.probs).max() < 1e-12
     rows = swapped_rows(result.probs, off_run, on_run.probs, result.messages)  # every first view at full length
