@@ -137,7 +137,6 @@ class Phase:
     swap_queue: list[int] | None = None  # phase 2: rows for the swapped view, most uncertain first; None: unplanned
     swap_pos: int = 0  # queue rows admitted so far (the budget check runs chunk by chunk)
     swap_ready: list[int] = field(default_factory=list)  # admitted rows not yet sent, longest first
-    swap_last: bool = False  # swap_ready is the budget's last chunk: sent most uncertain first (see _admit_swaps)
     swap_retry: list[int] = field(default_factory=list)  # swaps of lost batches, run again once
     swap_lost: set = field(default_factory=set)
     swap_cut: int = 0  # queued swaps dropped because the projected finish would overrun the budget
@@ -587,10 +586,10 @@ class _Loop:
 
     def _admit_swaps(self, ph: Phase) -> bool:
         """Move the next chunk of the queue (most uncertain first) to the send list, as far as the projected finish
-        allows; a chunk that does not fit is cut where it stops fitting and the rest of the queue dropped. Chunks
-        (about 4 batches per worker) are sent longest first, so entropy order costs little padding; the last, cut
-        chunk is sent in entropy order, so that if the deadline still comes first, the swaps it abandons are the
-        least uncertain ones."""
+        allows; a chunk that does not fit is cut where it stops fitting and the rest of the queue dropped. Every
+        chunk (about 4 batches per worker) is sent in entropy order, so that if the deadline still comes first (a
+        machine slower than projected), the swaps it abandons are the least uncertain ones; the price is some
+        padding (a batch pads to its longest row)."""
         rest = ph.swap_queue[ph.swap_pos:]
         if not rest:
             return False
@@ -607,8 +606,7 @@ class _Loop:
                 msg = (f"time budget: {ph.swap_pos + fit} swapped views admitted, the {ph.swap_cut} least uncertain "
                        f"of the queue dropped")
                 log.warning("%s%s", f"model {ph.k}: " if len(self.phases) > 1 else "", msg)
-                ph.swap_last = True
-        ph.swap_ready = list(rest[:take]) if ph.swap_last else sorted(rest[:take], key=lambda i: -ph.full[i])
+        ph.swap_ready = list(rest[:take])
         ph.swap_pos += take
         return take > 0
 
@@ -631,7 +629,7 @@ class _Loop:
     def _send_swaps(self, w, ph: Phase) -> None:
         """A phase-2 batch: swapped views at each row's first-view max_length (exactly symmetric TTA)."""
         source = ph.swap_retry if ph.swap_retry else ph.swap_ready
-        if source is ph.swap_retry or not ph.swap_last:
+        if source is ph.swap_retry:
             source.sort(key=lambda i: -ph.full[i])
         n = _take_in_order(ph.swap_lengths(source), self.batch_tokens, self.cfg.max_batch_rows)
         rows = source[:n]
