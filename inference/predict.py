@@ -498,9 +498,13 @@ class _Loop:
         while True:
             now = time.monotonic()
             if self.hard_stop is not None and now >= self.hard_stop:
-                self.timed_out = True
-                self.messages.append(f"time budget reached after {budget.format_duration(now - self.t0)}: "
-                                     f"{len(self.inflight)} running batches abandoned, unscored rows use fallbacks")
+                if self._admitted_work_left():
+                    self.timed_out = True
+                    self.messages.append(f"time budget reached after {budget.format_duration(now - self.t0)}: "
+                                         f"{len(self.inflight)} running batches abandoned, unscored rows use "
+                                         "fallbacks")
+                else:  # every first view and admitted swap is scored: only swaps never admitted are left
+                    self._cut_unadmitted_swaps()
                 break
             self._choose_mode(now)
             self._dispatch()
@@ -522,6 +526,23 @@ class _Loop:
             if now - last_log >= max(10.0, self.cfg.checkpoint_every / 4):
                 self._progress(now)
                 last_log = now
+
+    def _admitted_work_left(self) -> bool:
+        """Work the run committed to that the deadline would cut: batches in flight, first views, admitted swaps."""
+        return bool(self.inflight) or any(ph.has_pending() or ph.swap_ready or ph.swap_retry for ph in self.phases)
+
+    def _cut_unadmitted_swaps(self) -> None:
+        """The deadline came between two admission checks with nothing running: the queued swaps not yet admitted
+        are dropped as the next check would have dropped them (least uncertain, a budget cut, not a loss)."""
+        for ph in self.phases:
+            if ph.swap_queue is None:
+                ph.plan_swaps(self.cfg.tta)
+            left = len(ph.swap_queue) - ph.swap_pos
+            if left > 0:
+                ph.swap_cut += left
+                del ph.swap_queue[ph.swap_pos:]
+                log.warning("%stime budget: %d swapped views admitted, the %d least uncertain of the queue dropped",
+                            f"model {ph.k}: " if len(self.phases) > 1 else "", ph.swap_pos, left)
 
     # -- decisions -------------------------------------------------------------------------------------------
     def _rate(self) -> float | None:
@@ -610,6 +631,14 @@ class _Loop:
         ph.swap_pos += take
         return take > 0
 
+    def _batch_seconds(self) -> float:
+        """Mean compute seconds of a steady batch (warm-up batches until one is measured; 0 before any)."""
+        for speeds in (self.speed, self.first):
+            done = [t for t in speeds.values() if t.batches]
+            if done:
+                return sum(t.seconds for t in done) / sum(t.batches for t in done)
+        return 0.0
+
     def _swap_allowance(self, ph: Phase) -> float | None:
         """Cost units of swaps that still fit: the time left x the measured rate, less the work in flight and the
         first views the later models still need (and their loads). None: no budget, or nothing measured yet."""
@@ -624,6 +653,9 @@ class _Loop:
         later = sum(q.remaining_cost(self.modes[self.mode]) for q in self.phases[ph.k + 1:])
         inflight = sum(b.cost for b in self.inflight.values())
         seconds = self.hard_stop - now - self._load_seconds_ahead(ph.k)
+        # slack so that admitted swaps end before the deadline rather than on it (a batch still running then is
+        # abandoned, its GPU time lost): the batches each worker keeps queued, or 1% of the time left
+        seconds -= max(self.cfg.depth * self._batch_seconds(), 0.01 * seconds)
         return max(0.0, seconds * rate - inflight - later)
 
     def _send_swaps(self, w, ph: Phase) -> None:
