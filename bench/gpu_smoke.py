@@ -16,6 +16,7 @@ Sections:
     ones; torch.cuda.max_memory_allocated next to the memory plan's figure
   5 arena-predict with none / 8bit / 4bit and fp16 / bf16: exit 0, no non-finite rows, probabilities close across
     dtypes, and no CUDA context in the parent process (one CUDA_VISIBLE_DEVICES per worker)
+  6 arena-predict --parallel pipeline with both stages on the GPU at hand (cuda:0,cuda:0) vs --parallel data, fp16
 On a CPU (without --allow-cpu) it exits at once with status 2 and a clear message.
 """
 from __future__ import annotations
@@ -188,8 +189,8 @@ def zero3_load(dev: str, work: Path, layers: int = 2) -> dict:
             "plan_total_gib": round(plan.total_gib, 2), "ok": checked > 0 and not mismatched}
 
 
-def predict_matrix(dev: str, work: Path) -> dict:
-    """arena-predict on one GPU for every quantization x dtype; the parent process must hold no CUDA context."""
+def tiny_export(work: Path) -> tuple[dict, Path]:
+    """(synthetic sample files, a tiny random Llama classifier export) under `work`, made once per run."""
     from data.synthetic import write_sample
     from data.template import FormatConfig
     from data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -197,11 +198,17 @@ def predict_matrix(dev: str, work: Path) -> dict:
     from tests.conftest import tiny_classifier
 
     data = write_sample(work / "pdata", rows=40, seed=1, test_rows=64)
-    train_bpe_tokenizer((f"prompt {i} response words" for i in range(200)), work / "tok", vocab_size=1024)
-    tok = load_tokenizer(work / "tok")
     export = work / "export"
-    save_pretrained(tiny_classifier("llama"), tok, export, FormatConfig(max_length=256).to_dict(),
-                    prior=[0.35, 0.35, 0.3])
+    if not (export / "config.json").exists():
+        train_bpe_tokenizer((f"prompt {i} response words" for i in range(200)), work / "tok", vocab_size=1024)
+        save_pretrained(tiny_classifier("llama"), load_tokenizer(work / "tok"), export,
+                        FormatConfig(max_length=256).to_dict(), prior=[0.35, 0.35, 0.3])
+    return data, export
+
+
+def predict_matrix(dev: str, work: Path) -> dict:
+    """arena-predict on one GPU for every quantization x dtype; the parent process must hold no CUDA context."""
+    data, export = tiny_export(work)
     device = "cuda:0" if dev == "cuda" else "cpu"
     dtypes = ("fp16", "bf16") if dev == "cuda" and torch.cuda.get_device_capability(0)[0] >= 8 else (
         ("fp16",) if dev == "cuda" else ("fp32",))
@@ -234,6 +241,34 @@ def predict_matrix(dev: str, work: Path) -> dict:
     return out
 
 
+def pipeline_vs_data(dev: str, work: Path) -> dict:
+    """--parallel pipeline with two stage processes on the one GPU at hand (cuda:0,cuda:0: the CUDA code path of the
+    stages, the device->host->device hand-over, fp16) against --parallel data on it; the CPU twin is
+    tests/test_pipeline.py (cpu:2 vs cpu within 1e-5)."""
+    data, export = tiny_export(work)
+    devices = {"data": "cuda:0", "pipeline": "cuda:0,cuda:0"} if dev == "cuda" else {"data": "cpu",
+                                                                                      "pipeline": "cpu:2"}
+    dtype = "fp16" if dev == "cuda" else "fp32"
+    out, probs = {}, {}
+    for mode, device in devices.items():
+        sub = work / f"sub_{mode}.csv"
+        cmd = [sys.executable, "-m", "inference", "--model", str(export), "--test", str(data["test"]), "--out",
+               str(sub), "--devices", device, "--parallel", mode, "--dtype", dtype, "--time-budget", "10m"]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+        out[mode] = {"exit": r.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+        if r.returncode != 0:
+            out[mode]["stderr"] = r.stderr[-800:]
+            continue
+        probs[mode] = read_probs(sub)
+    if len(probs) == 2:
+        out["max_diff"] = float(np.abs(probs["pipeline"] - probs["data"]).max())
+        out["non_finite_rows"] = int((~np.isfinite(probs["pipeline"]).all(1)).sum())
+    tol = 2e-3 if dtype == "fp16" else 1e-5  # fp16 kernels may differ between a split and a whole model
+    out["ok"] = len(probs) == 2 and out["non_finite_rows"] == 0 and out["max_diff"] <= tol
+    return out
+
+
 def gpu_pids() -> set[int]:
     try:
         text = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
@@ -249,13 +284,14 @@ def read_probs(path: Path) -> np.ndarray:
 
 
 SECTIONS = {1: ("versions", versions), 2: ("packed_flash_attention", packed_vs_alone),
-            3: ("train_resume", train_resume), 4: ("zero3_load", zero3_load), 5: ("predict", predict_matrix)}
+            3: ("train_resume", train_resume), 4: ("zero3_load", zero3_load), 5: ("predict", predict_matrix),
+            6: ("pipeline", pipeline_vs_data)}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="1,2,3,4,5", help="comma-separated section numbers (default: all)")
+    p.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated section numbers (default: all)")
     p.add_argument("--allow-cpu", action="store_true", help="run on a CPU what can run there (script check)")
     p.add_argument("--workdir", help="keep the work files here (default: a temporary directory)")
     args = p.parse_args(argv)
