@@ -42,7 +42,8 @@ LENGTHS = [37, 64, 21, 50]  # longer than the tiny Gemma2's sliding window (16)
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
             "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -165,6 +166,7 @@ def zero3_load(dev: str, work: Path, layers: int = 2) -> dict:
         saved.update(load_file(str(f)))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    torch.cuda.set_device(0)  # as training.distributed does: zero.Init places partitions on the current device
     deepspeed.init_distributed(dist_backend="nccl")
     cfg = load_config(str(ROOT / "configs" / "gemma2" / "9b_full.yaml"),
                       [f"model.name_or_path={src}", "output_dir=" + str(work / "z3"), f"data.train_csv={TINY}"],
@@ -233,6 +235,7 @@ def predict_matrix(dev: str, work: Path) -> dict:
                         "parent_cuda_context": parent_on_gpu}
             if proc.returncode != 0:
                 out[key]["stderr"] = err[-800:]
+            print(f"   predict {key}: {json.dumps(out[key])[:600]}", file=sys.stderr, flush=True)  # partial results
     base = probs[f"none/{dtypes[0]}"]
     for key, p in probs.items():
         out[key]["max_diff_vs_none"] = float(np.abs(p - base).max())

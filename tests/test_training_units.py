@@ -134,6 +134,26 @@ def test_merge_lora_equals_peft_merge_and_unload():
         torch.testing.assert_close(ours["backbone." + k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_lora_adapters_of_a_bf16_model_train_in_bf16():
+    """CPU twin of GPU bf16 LoRA training: peft upcasts the adapters of a bf16 model to fp32, which DeepSpeed's bf16
+    engine refuses (check_param_dtypes names them); add_lora casts them to the training dtype."""
+    from transformers import AutoModel
+
+    from tests.conftest import tiny_llama_config
+    from tests.test_configs import TINY
+    from training.config import load_config
+    from training.model import add_lora, check_param_dtypes
+
+    cfg = load_config(TINY, ["lora.enabled=true", "lora.r=4", "lora.alpha=8"], check_files=False)
+    base = lambda: AutoModel.from_config(tiny_llama_config(128), dtype=torch.bfloat16)  # noqa: E731
+    with pytest.raises(RuntimeError, match="lora_A"):  # what peft alone gives
+        check_param_dtypes(add_lora(cfg, base()), torch.bfloat16)
+    model = add_lora(cfg, base(), torch.bfloat16)
+    check_param_dtypes(model, torch.bfloat16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable)
+
+
 def test_rng_state_roundtrip_loads_weights_only(tmp_path):
     from training.checkpoint import rng_state, set_rng_state
 

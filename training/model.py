@@ -130,7 +130,12 @@ def _bnb_4bit(dtype: torch.dtype):
         raise ImportError("lora.qlora needs bitsandbytes: pip install 'arena-pref[gpu]'") from None
 
 
-def add_lora(cfg: RunConfig, backbone):
+def add_lora(cfg: RunConfig, backbone, dtype: torch.dtype | None = None):
+    """The backbone wrapped with LoRA adapters (cfg.lora), their parameters in the training `dtype`.
+
+    peft upcasts adapters of a bf16/fp16 model to fp32 (autocast_adapter_dtype); DeepSpeed's bf16 engine needs one
+    dtype for every trainable parameter (it keeps the fp32 master copy itself), so they are cast back. Found on a
+    GPU: CPU training is fp32, where the two agree."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     lo = cfg.lora
@@ -149,9 +154,14 @@ def add_lora(cfg: RunConfig, backbone):
         raise ConfigError(f"lora.target_modules={list(lo.target_modules)} matches no module of this "
                           f"{backbone.config.model_type} model; its linear modules are: {', '.join(names)}")
     try:
-        return get_peft_model(backbone, peft_cfg)
+        model = get_peft_model(backbone, peft_cfg)
     except ValueError as e:  # e.g. target modules not found in the model
         raise ValueError(f"lora.target_modules={list(lo.target_modules)}: {e}") from None
+    if dtype is not None:
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
 
 
 def linear_module_names(model) -> list[str]:
@@ -171,7 +181,7 @@ def build_model(cfg: RunConfig, tokenizer, hf_cfg, ds_config: dict, device: torc
     stage3 = cfg.deepspeed.zero_stage == 3
     backbone = build_backbone(cfg, hf_cfg, dtype, device)
     if cfg.lora.enabled:
-        backbone = add_lora(cfg, backbone)
+        backbone = add_lora(cfg, backbone, dtype)
     if cfg.lora.qlora and device.type == "cpu":
         for m in backbone.modules():
             if hasattr(m, "support_avx512bf16_for_cpu"):
