@@ -127,20 +127,28 @@ def train_resume(dev: str, work: Path) -> dict:
         common += ["data.packing=true", "data.max_tokens=2048", "model.attn_implementation=flash_attention_2"]
     out = {"packing_flash": bool(packed)}
     for name, extra in (("full", []), ("lora", ["lora.enabled=true", "lora.r=4", "lora.alpha=8"])):
-        runs = {}
-        for kind, args in (("straight", []), ("stopped", ["train.stop_after_steps=6"]), ("resumed", [])):
-            run_dir = work / f"{name}_{'straight' if kind == 'straight' else 'resume'}"
-            r = subprocess.run([sys.executable, "-m", "training", *common, *extra, f"output_dir={run_dir}", *args],
-                               cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-            if r.returncode != 0:
-                raise RuntimeError(f"{name}/{kind} exit {r.returncode}: {r.stderr[-1500:]}")
-            runs[kind] = run_dir
-        losses = {k: [json.loads(x)["loss"] for x in (runs[k] / "metrics.jsonl").read_text().splitlines() if x]
-                  for k in ("straight", "resumed")}
-        diff = float(np.max(np.abs(np.asarray(losses["straight"]) - np.asarray(losses["resumed"]))))
-        out[name] = {"steps": len(losses["resumed"]), "max_loss_diff": diff, "ok": diff <= 1e-5}
+        try:
+            out[name] = _train_resume_variant(work, common, name, extra)
+        except Exception as e:  # noqa: BLE001 (one variant failing must not hide the other's result)
+            out[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[-1500:]}
     out["ok"] = out["full"]["ok"] and out["lora"]["ok"]
     return out
+
+
+def _train_resume_variant(work: Path, common: list[str], name: str, extra: list[str]) -> dict:
+    """One variant (full or LoRA): straight, stopped at step 6, resumed; the losses must match."""
+    runs = {}
+    for kind, args in (("straight", []), ("stopped", ["train.stop_after_steps=6"]), ("resumed", [])):
+        run_dir = work / f"{name}_{'straight' if kind == 'straight' else 'resume'}"
+        r = subprocess.run([sys.executable, "-m", "training", *common, *extra, f"output_dir={run_dir}", *args],
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"{name}/{kind} exit {r.returncode}: {r.stderr[-1500:]}")
+        runs[kind] = run_dir
+    losses = {k: [json.loads(x)["loss"] for x in (runs[k] / "metrics.jsonl").read_text().splitlines() if x]
+              for k in ("straight", "resumed")}
+    diff = float(np.max(np.abs(np.asarray(losses["straight"]) - np.asarray(losses["resumed"]))))
+    return {"steps": len(losses["resumed"]), "max_loss_diff": diff, "ok": diff <= 1e-5}
 
 
 def zero3_load(dev: str, work: Path, layers: int = 2) -> dict:
