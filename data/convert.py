@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .atomic import atomic_path
-from .reading import LABEL_COLUMNS, TEXT_COLUMNS, Battle, DataError, Problem, _parse_label, _read_rows, clean_text, parse_turns
+from .reading import LABEL_COLUMNS, TEXT_COLUMNS, Battle, DataError, Problem, parse_label, read_rows, clean_text, parse_turns
 
 FORMATS = ("chatbot-arena-conversations", "ultrafeedback", "kaggle")
 OUTPUT_COLUMNS = ("id", "model_a", "model_b", *TEXT_COLUMNS, *LABEL_COLUMNS, "source_id")
@@ -225,7 +225,7 @@ def kaggle_row(rec: dict, seed: int = 0) -> Converted:
         raise RowError("prompt", "empty conversation (no turns)")
     for c in LABEL_COLUMNS:
         _field(rec, c)
-    label, soft, problem = _parse_label({c: str(rec[c]) for c in LABEL_COLUMNS}, "", rid, 0)
+    label, soft, problem = parse_label({c: str(rec[c]) for c in LABEL_COLUMNS}, "", rid, 0)
     if problem:
         raise RowError(problem.column, problem.message)
     models = [clean_text(rec.get(c)) for c in ("model_a", "model_b")]
@@ -374,7 +374,7 @@ def _parquet_file(path: Path, columns: Iterable[str]) -> Iterator[Record]:
 
 
 def _csv_file(path: Path) -> Iterator[Record]:
-    header, rows = _read_rows(path)
+    header, rows = read_rows(path)
     for i, (line, rec) in enumerate(rows):
         yield Record(str(path), i, {k.strip().lstrip("\ufeff"): v for k, v in rec.items() if k is not None}, line=line)
 

@@ -69,9 +69,9 @@ def align_predictions(battles: Sequence[Battle], pred_ids: Sequence, pred_probs:
 
 def raw_rows(path: str | Path) -> tuple[list[str], list[dict]]:
     """(header, records) exactly as in the CSV, so texts are written back byte for byte (JSON turn lists intact)."""
-    from .reading import _read_rows
+    from .reading import read_rows
 
-    header, rows = _read_rows(Path(path))
+    header, rows = read_rows(Path(path))
     return header, [rec for _, rec in rows]
 
 

@@ -118,7 +118,7 @@ def swap_probs(p):
     return p[..., list(SWAP_CLASSES)]
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+def read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
     """Raw CSV records as (line number, dict). Uses the csv module so multi-line quoted cells work and nothing is coerced."""
     try:
         raw = path.read_bytes()
@@ -151,7 +151,7 @@ def read_battles(path: str | Path, *, labels: bool | None = None, lenient: bool 
     """
     path = Path(path)
     name = str(path)
-    header, rows = _read_rows(path)
+    header, rows = read_rows(path)
     problems: list[Problem] = []
     required = ["id", *TEXT_COLUMNS]
     has_labels = all(c in header for c in LABEL_COLUMNS)
@@ -188,7 +188,7 @@ def read_battles(path: str | Path, *, labels: bool | None = None, lenient: bool 
             row_problems.append(Problem(name, f"turn lists have different lengths ({desc})", row_id=rid, column="response_a" if counts.get("response_a") != counts.get("prompt") else "response_b", line=line))
         label, soft = None, None
         if use_labels:
-            label, soft, p = _parse_label(rec, name, rid, line)
+            label, soft, p = parse_label(rec, name, rid, line)
             if p:
                 row_problems.append(p)
         if row_problems and not lenient:
@@ -214,7 +214,7 @@ def read_battles(path: str | Path, *, labels: bool | None = None, lenient: bool 
     return battles
 
 
-def _parse_label(rec: dict, name: str, rid: str, line: int) -> tuple[int | None, tuple | None, Problem | None]:
+def parse_label(rec: dict, name: str, rid: str, line: int) -> tuple[int | None, tuple | None, Problem | None]:
     """(hard label, soft triple, problem): one-hot rows are hard labels, probability triples summing to 1 are soft."""
     vals = []
     for c in LABEL_COLUMNS:

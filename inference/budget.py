@@ -16,15 +16,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-SHORTEN_STEPS = (0.75, 0.5, 0.375, 0.25)  # fractions of max_length tried after TTA is dropped
+SHORTEN_STEPS = (0.75, 0.5, 0.375, 0.25)  # fractions of max_length tried once the swaps are dropped
 MIN_SHORT_LENGTH = 128
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How the remaining rows are scored: with or without TTA, at a fraction of each model's max_length."""
+    """How the remaining first views are scored: at a fraction of each model's max_length (TTA is a second pass)."""
 
-    tta: bool
     fraction: float = 1.0
 
     def length(self, max_length: int, floor: int = MIN_SHORT_LENGTH) -> int:
@@ -38,7 +37,7 @@ class Mode:
             length = "full max_length" if self.fraction >= 1.0 else f"{self.fraction:g} x max_length"
         else:
             length = f"max_length {self.length(max_length)}"
-        return f"TTA, {length}" if self.tta else length  # arena-predict's modes are single-view (TTA is a 2nd pass)
+        return length
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -69,12 +68,9 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{seconds:.1f}s")
 
 
-def ladder(tta: bool) -> list[Mode]:
-    """Modes from best to cheapest: [TTA,] no TTA at full max_length, then shorter max_lengths."""
-    modes = [Mode(True)] if tta else []
-    modes.append(Mode(False))
-    modes += [Mode(False, f) for f in SHORTEN_STEPS]
-    return modes
+def ladder() -> list[Mode]:
+    """Modes from best to cheapest: full max_length, then shorter max_lengths."""
+    return [Mode(), *(Mode(f) for f in SHORTEN_STEPS)]
 
 
 TTA_CHOICES = "on, auto, off, or a fraction in (0, 1]"

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import struct
 import time
 import traceback
@@ -406,20 +405,13 @@ def stage_main(group: int, s: int, n_stages: int, device: str, threads: int, inb
     partial_results: dict[int, dict] = {}
     try:
         import torch
-        from transformers.utils import logging as hf_logging
 
-        from inference.worker import _empty_cache, _parent_alive, _setup_device, pad_batch
+        from inference.worker import _empty_cache, _setup_device, next_message, pad_batch, quiet_transformers
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        quiet_transformers()
         _setup_device(device, threads)
         while True:
-            try:
-                msg = inbox.get(timeout=5.0)
-            except queue.Empty:
-                if not _parent_alive():
-                    break
-                continue
+            msg = next_message(inbox)
             kind = msg[0]
             if kind == "stop":
                 if downstream is not None:

@@ -158,7 +158,7 @@ class Phase:
 
     def row_cost(self, rows, mode: budget.Mode) -> np.ndarray:
         lengths = batching.row_lengths(self.full[rows], mode.length(self.max_length))
-        return self.cost.flops(lengths) * (2 if mode.tta else 1)
+        return self.cost.flops(lengths)
 
     def remaining_cost(self, mode: budget.Mode) -> float:
         rows = self.pending()
@@ -172,7 +172,7 @@ class Phase:
         else:
             source = self.order[self.pos : self.pos + max_rows]
         lengths = batching.row_lengths(self.full[source], mode.length(self.max_length))
-        n = batching.take_batch(lengths, batch_tokens, max_rows, 2 if mode.tta else 1)
+        n = batching.take_batch(lengths, batch_tokens, max_rows)
         rows = list(source[:n])
         if self.retry:
             del self.retry[:n]
@@ -270,7 +270,7 @@ def predict(cfg: PredictConfig, t0: float | None = None) -> PredictResult:
     pool = _make_pool(cfg, devices)
     pool.start()
     log.info("%d worker(s) on %s; batch_tokens %d", len(devices), ",".join(devices), batch_tokens)
-    modes = budget.ladder(False)  # phase 1 (one view per row); the swapped views are phase 2
+    modes = budget.ladder()  # phase 1 (one view per row); the swapped views are phase 2
     phases: list[Phase] = []
     try:
         phases = _tokenize_all(cfg, specs, metas, weights, battles)
@@ -686,12 +686,10 @@ class _Loop:
         mode = self.modes[self.mode]
         rows = ph.take(mode, self.batch_tokens, self.cfg.max_batch_rows)
         length = mode.length(ph.max_length)
-        seqs, swapped, kept = [], [], []
+        seqs, kept = [], []
         for i in rows:
             try:
                 seqs.append(np.asarray(ph.formatter.render(ph.turns[i], False, length), dtype=np.int32))
-                if mode.tta:
-                    swapped.append(np.asarray(ph.formatter.render(ph.turns[i], True, length), dtype=np.int32))
                 kept.append(i)
             except Exception as e:  # one odd row must not stop the run
                 log.warning("id %s: cannot render (%s); it gets a fallback", self.ids[i], e)
@@ -702,7 +700,7 @@ class _Loop:
         self.next_id += 1
         self.inflight[bid] = InFlight(ph.k, kept, self.mode, w.index, float(ph.row_cost(kept, mode).sum()))
         w.outstanding.append(bid)
-        self.pool.send(w, ("batch", bid, ph.k, seqs + swapped, ph.pad_id))
+        self.pool.send(w, ("batch", bid, ph.k, seqs, ph.pad_id))
 
     # -- events ----------------------------------------------------------------------------------------------
     def _handle(self, msg) -> None:
@@ -746,8 +744,6 @@ class _Loop:
             ph.logits_swap[rows] = logits[:n]  # non-finite ones are ignored by probs(): the row keeps one view
             return
         ph.logits[rows] = logits[:n]
-        if self.modes[b.mode].tta:
-            ph.logits_swap[rows] = logits[n:]
         ok = np.all(np.isfinite(logits[:n]), axis=1)
         ph.state[rows] = np.where(ok, b.mode, FAILED)
         ph.view_cap[rows] = self.modes[b.mode].length(ph.max_length)

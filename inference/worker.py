@@ -115,6 +115,24 @@ def _parent_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
+def next_message(inbox):
+    """The next message from the main process; ("stop",) once it is gone (killed: nobody would read our results)."""
+    while True:
+        try:
+            return inbox.get(timeout=5.0)
+        except queue.Empty:
+            if not _parent_alive():
+                return ("stop",)
+
+
+def quiet_transformers() -> None:
+    """Errors only, no progress bars: one "Loading weights" bar per process per model is noise in the log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _setup_device(device: str, threads: int) -> None:
     import torch
 
@@ -133,20 +151,12 @@ def worker_main(index: int, device: str, threads: int, inbox, outbox) -> None:
     debug = _debug_settings(index)
     runner, current, done = None, None, 0
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker per model is noise in the log
+        quiet_transformers()
         from inference.loading import LoadSpec, load_model
 
         _setup_device(device, threads)
         while True:
-            try:
-                msg = inbox.get(timeout=5.0)
-            except queue.Empty:
-                if not _parent_alive():
-                    break  # the main process was killed: nobody will read our results
-                continue
+            msg = next_message(inbox)
             if msg[0] == "stop":
                 break
             if msg[0] == "load":

@@ -83,25 +83,23 @@ def test_parse_duration_rejects(text):
         budget.parse_duration(text)
 
 
-def test_ladder_goes_from_tta_to_shorter_lengths():
-    modes = budget.ladder(True)
-    assert modes[0] == budget.Mode(True) and modes[1] == budget.Mode(False)
-    assert [m.fraction for m in modes[1:]] == sorted([m.fraction for m in modes[1:]], reverse=True)
-    assert not any(m.tta for m in modes[1:])
-    assert budget.ladder(False)[0] == budget.Mode(False)
-    assert budget.Mode(False, 0.5).length(2048) == 1024
-    assert budget.Mode(False, 0.25).length(256) == 128  # never below the floor
-    assert budget.Mode(False, 0.25).length(100) == 100  # nor above the model's own length
+def test_ladder_goes_to_shorter_lengths():
+    modes = budget.ladder()
+    assert modes[0] == budget.Mode() and modes[0].length(2048) == 2048
+    assert [m.fraction for m in modes] == sorted([m.fraction for m in modes], reverse=True)
+    assert budget.Mode(0.5).length(2048) == 1024
+    assert budget.Mode(0.25).length(256) == 128  # never below the floor
+    assert budget.Mode(0.25).length(100) == 100  # nor above the model's own length
 
 
 def test_choose_mode_picks_least_degraded_that_fits():
-    modes = budget.ladder(True)
-    cost = {m: 100.0 * (2 if m.tta else 1) * m.fraction for m in modes}.__getitem__  # full TTA = 200
-    # rate 1/s: 200 s with TTA, 100 without, 75 at 0.75, 50 at 0.5
-    assert budget.choose_mode(modes, 0, cost, 1.0, 250.0)[0] == 0
-    assert budget.choose_mode(modes, 0, cost, 1.0, 150.0)[0] == 1
-    assert budget.choose_mode(modes, 0, cost, 1.0, 60.0)[0] == 3
-    assert budget.choose_mode(modes, 0, cost, 1.0, 60.0, extra_seconds=20.0)[0] == 4  # a model load ahead
+    modes = budget.ladder()
+    cost = {m: 100.0 * m.fraction for m in modes}.__getitem__
+    # rate 1/s: 100 s at full length, 75 at 0.75, 50 at 0.5, 37.5 at 0.375
+    assert budget.choose_mode(modes, 0, cost, 1.0, 150.0)[0] == 0
+    assert budget.choose_mode(modes, 0, cost, 1.0, 80.0)[0] == 1
+    assert budget.choose_mode(modes, 0, cost, 1.0, 60.0)[0] == 2
+    assert budget.choose_mode(modes, 0, cost, 1.0, 60.0, extra_seconds=20.0)[0] == 3  # a model load ahead
     assert budget.choose_mode(modes, 2, cost, 1.0, 1000.0)[0] == 2  # never upgrades
     assert budget.choose_mode(modes, 0, cost, 1.0, 1.0)[0] == len(modes) - 1  # nothing fits: cheapest, then prior
     assert budget.choose_mode(modes, 0, cost, None, 1.0) == (0, None)  # not measured yet

@@ -201,3 +201,61 @@ def test_ensemble_runs_each_models_swaps_after_its_first_views(off_run, on_run, 
     assert sum("TTA: 30 of 60 rows got both views (50%)" in n for n in result.notes) == 2, result.notes
     loads = [r.getMessage() for r in caplog.records if "loaded model" in r.getMessage()]
     assert len(loads) == 2, loads  # one load per model: swaps never make a worker go back to a model
+
+
+# ---------------------------------------------------------------------------------------- the deadline, exactly
+class _IdlePool:
+    """A pool with one live worker that never answers: the loop's deadline check is all that runs."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.workers = [SimpleNamespace(index=0, outstanding=[], loaded=0, device="cpu")]
+
+    def alive(self):
+        return self.workers
+
+    def get(self, timeout):
+        return None
+
+    def newly_dead(self):
+        return []
+
+
+def _scored_phase(n=10, admitted=3, ready=()):
+    from inference.batching import CostModel
+    from inference.predict import Phase
+
+    ph = Phase(k=0, spec=None, meta={}, formatter=None, pad_id=0, max_length=256, cost=CostModel(1e6, 2, 64),
+               turns=[None] * n, full=np.full(n, 100), weight=1.0)
+    ph.pos = n  # every first view scored
+    ph.state[:] = 0
+    ph.logits[:] = 0.0
+    ph.view_cap[:] = 256
+    ph.swap_queue = list(range(n))
+    ph.swap_pos = admitted
+    ph.swap_ready = list(ready)
+    ph.logits_swap[: admitted - len(ready)] = 0.0  # the admitted swaps already scored
+    return ph
+
+
+@pytest.mark.parametrize("ready", [(), (2,)], ids=["all-admitted-scored", "an-admitted-swap-unsent"])
+def test_a_deadline_between_admission_checks_cuts_only_unadmitted_swaps(ready):
+    """The hard stop comes with nothing running: if every admitted swap is scored, the queue's rest is a planned
+    budget cut (auto: a note, exit 0), not a loss; an admitted swap still unsent is a loss (DEGRADED)."""
+    from inference.predict import _Loop, _tta_summary
+
+    ph = _scored_phase(ready=ready)
+    cfg = PredictConfig(models=("m",), test="t", out="o", tta="auto", depth=2, checkpoint_every=1e9)
+    now = time.monotonic()
+    loop = _Loop(cfg, _IdlePool(), [ph], budget.ladder(), list(range(10)), np.full(3, 1 / 3), 1024, now - 1.0,
+                 now - 10.0)
+    loop.run()
+    line, degraded = _tta_summary(ph, "auto")
+    if not ready:
+        assert loop.messages == [] and not loop.timed_out
+        assert ph.swap_cut == 7 and ph.swap_queue == [0, 1, 2] and not ph.has_swaps()
+        assert not degraded and "TTA: 3 of 10 rows got both views" in line and "7 more did not fit" in line
+    else:
+        assert loop.timed_out and "time budget reached" in loop.messages[0]
+        assert degraded and "TTA: 2 of 10 rows got both views" in line and "asked for 3" in line
