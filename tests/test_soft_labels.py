@@ -224,16 +224,22 @@ def _soft_run_files(tmp_path):
     return both, oof
 
 
-def _tiny_run(tok_dir, out, csv, *overrides):
-    import os
+def _tiny_run(tok_dir, out, csv, *overrides, zero3_ranks: int = 0):
+    """One tiny training run: a plain ZeRO-2 process, or `zero3_ranks` processes under torchrun with ZeRO-3."""
+    from tests.test_training_distributed import _env, _port
 
-    args = [sys.executable, "-m", "training", "--config", "configs/tiny/llama_cpu.yaml", f"output_dir={out}",
+    args = ["-m", "training", "--config", "configs/tiny/llama_cpu.yaml", f"output_dir={out}",
             f"data.train_csv={csv}", f"data.tokenizer={tok_dir}", "data.format.max_length=64",
             "data.micro_batch_size=8", "model.tiny.num_hidden_layers=1", "model.tiny.hidden_size=32",
             "model.tiny.intermediate_size=64", "model.gradient_checkpointing=false",
-            "deepspeed.config=configs/deepspeed/zero2.json", "deepspeed.param_persistence_threshold=null",
             "train.save_every=0", "train.eval_every=0", "train.lr=1e-2", *overrides]
-    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if zero3_ranks:
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(zero3_ranks), "--master_port", _port()]
+        args += ["deepspeed.config=configs/deepspeed/zero3.json"]
+    else:
+        launcher = []
+        args += ["deepspeed.config=configs/deepspeed/zero2.json", "deepspeed.param_persistence_threshold=null"]
+    return subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, cwd=ROOT, env=_env())
 
 
 def test_missing_soft_ids_fail_with_one_line_naming_file_ids_and_column(tmp_path, tiny_tokenizer_dir):
@@ -246,7 +252,9 @@ def test_missing_soft_ids_fail_with_one_line_naming_file_ids_and_column(tmp_path
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.distributed
 def test_soft_labels_and_pseudo_labelled_rows_train_and_validate_on_hard_labels(tmp_path, tiny_tokenizer_dir):
+    """Two processes under ZeRO-3 (partitioned parameters, each rank its own share of hard, soft and soft-only rows)."""
     import json
 
     import pandas as pd
@@ -255,7 +263,8 @@ def test_soft_labels_and_pseudo_labelled_rows_train_and_validate_on_hard_labels(
     out = tmp_path / "run"
     r = _tiny_run(tiny_tokenizer_dir, out, csv, f"data.soft_labels={oof}", "data.soft_labels_missing=hard",
                   "train.distill.alpha=0.5", "train.distill.cosine=true", "train.lr=3e-3",
-                  "train.max_steps=null", "train.epochs=3", "train.warmup_steps=2", "data.valid_fold=0")
+                  "train.max_steps=null", "train.epochs=5", "train.warmup_steps=2", "data.valid_fold=0",
+                  zero3_ranks=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data.soft_labels: " in r.stderr and "2 ids of" in r.stderr  # the soft file's ids not in the training file
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -268,6 +277,7 @@ def test_soft_labels_and_pseudo_labelled_rows_train_and_validate_on_hard_labels(
     dropped = int(r.stderr.split("rows of validation fold 0 have no hard label")[0].split()[-1]) if \
         "rows of validation fold 0 have no hard label" in r.stderr else 0
     assert info["valid_rows"] == len(preds["ids"]) and info["train_rows"] + info["valid_rows"] + dropped == 100
+    assert info["world_size"] == 2 and info["zero_stage"] == 3
     assert abs(sum(info["prior"]) - 1) < 1e-9
 
 
