@@ -537,12 +537,17 @@ class _Loop:
         for ph in self.phases:
             if ph.swap_queue is None:
                 ph.plan_swaps(self.cfg.tta)
-            left = len(ph.swap_queue) - ph.swap_pos
-            if left > 0:
-                ph.swap_cut += left
-                del ph.swap_queue[ph.swap_pos:]
-                log.warning("%stime budget: %d swapped views admitted, the %d least uncertain of the queue dropped",
-                            f"model {ph.k}: " if len(self.phases) > 1 else "", ph.swap_pos, left)
+            self._drop_swaps(ph, ph.swap_pos)
+
+    def _drop_swaps(self, ph: Phase, end: int) -> None:
+        """Drop the queue from `end` on (its least uncertain swaps): a budget cut, counted and logged once."""
+        dropped = len(ph.swap_queue) - end
+        if dropped <= 0:
+            return
+        ph.swap_cut += dropped
+        del ph.swap_queue[end:]
+        log.warning("%stime budget: %d swapped views admitted, the %d least uncertain of the queue dropped",
+                    f"model {ph.k}: " if len(self.phases) > 1 else "", end, dropped)
 
     # -- decisions -------------------------------------------------------------------------------------------
     def _rate(self) -> float | None:
@@ -622,11 +627,7 @@ class _Loop:
             fit = int(np.searchsorted(np.cumsum(ph.cost.flops(lengths[:take])), allowed, side="right"))
             if fit < take:
                 take = fit
-                ph.swap_cut = len(rest) - fit
-                del ph.swap_queue[ph.swap_pos + fit:]
-                msg = (f"time budget: {ph.swap_pos + fit} swapped views admitted, the {ph.swap_cut} least uncertain "
-                       f"of the queue dropped")
-                log.warning("%s%s", f"model {ph.k}: " if len(self.phases) > 1 else "", msg)
+                self._drop_swaps(ph, ph.swap_pos + fit)
         ph.swap_ready = list(rest[:take])
         ph.swap_pos += take
         return take > 0

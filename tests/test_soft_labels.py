@@ -224,22 +224,21 @@ def _soft_run_files(tmp_path):
     return both, oof
 
 
-def _tiny_run(tok_dir, out, csv, *overrides, zero3_ranks: int = 0):
-    """One tiny training run: a plain ZeRO-2 process, or `zero3_ranks` processes under torchrun with ZeRO-3."""
-    from tests.test_training_distributed import _env, _port
+def _tiny_run(tok_dir, out, csv, *overrides, zero3: bool = False):
+    """One tiny training run: a plain ZeRO-2 process, or 2 processes under torchrun with ZeRO-3."""
+    from tests.test_training_distributed import _env, single_cmd, torchrun_cmd
 
-    args = ["-m", "training", "--config", "configs/tiny/llama_cpu.yaml", f"output_dir={out}",
+    args = ["--config", "configs/tiny/llama_cpu.yaml", f"output_dir={out}",
             f"data.train_csv={csv}", f"data.tokenizer={tok_dir}", "data.format.max_length=64",
             "data.micro_batch_size=8", "model.tiny.num_hidden_layers=1", "model.tiny.hidden_size=32",
             "model.tiny.intermediate_size=64", "model.gradient_checkpointing=false",
             "train.save_every=0", "train.eval_every=0", "train.lr=1e-2", *overrides]
-    if zero3_ranks:
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(zero3_ranks), "--master_port", _port()]
-        args += ["deepspeed.config=configs/deepspeed/zero3.json"]
+    if zero3:
+        cmd = torchrun_cmd([*args, "deepspeed.config=configs/deepspeed/zero3.json"])
     else:
-        launcher = []
-        args += ["deepspeed.config=configs/deepspeed/zero2.json", "deepspeed.param_persistence_threshold=null"]
-    return subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, cwd=ROOT, env=_env())
+        cmd = single_cmd([*args, "deepspeed.config=configs/deepspeed/zero2.json",
+                          "deepspeed.param_persistence_threshold=null"])
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env())
 
 
 def test_missing_soft_ids_fail_with_one_line_naming_file_ids_and_column(tmp_path, tiny_tokenizer_dir):
@@ -264,7 +263,7 @@ def test_soft_labels_and_pseudo_labelled_rows_train_and_validate_on_hard_labels(
     r = _tiny_run(tiny_tokenizer_dir, out, csv, f"data.soft_labels={oof}", "data.soft_labels_missing=hard",
                   "train.distill.alpha=0.5", "train.distill.cosine=true", "train.lr=3e-3",
                   "train.max_steps=null", "train.epochs=5", "train.warmup_steps=2", "data.valid_fold=0",
-                  zero3_ranks=2)
+                  zero3=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "data.soft_labels: " in r.stderr and "2 ids of" in r.stderr  # the soft file's ids not in the training file
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
